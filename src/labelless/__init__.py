@@ -1,0 +1,55 @@
+"""labelless: compress trained PyTorch models with per-layer k-means weight sharing, then win
+their accuracy back by retraining without labels.
+
+Example:
+    >>> import labelless
+    >>> model = labelless.build_model(labelless.ModelSpec("resnet18", num_classes=10))
+    >>> q = labelless.quantize(model, [{"layers": "*", "weights": 16, "bias": 1}])
+    >>> report = labelless.save(q, "model.lless")
+    >>> restored = labelless.load("model.lless")
+"""
+
+from __future__ import annotations
+
+import logging
+
+from .errors import DataError, FileFormatError, LabellessError, ModelError, PlanError
+from .fileformat import inspect, load, read, save
+from .kmeans import kmeans1d, sse
+from .layers import LayerInfo, list_layers
+from .models import ModelSpec, available_models, build_model, load_state_dict_file, load_weights
+from .plan import LayerSetting, Plan, Rule, load_plan
+from .quantize import QuantizedTensor, dequantize, quantize, quantized_tensors
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "DataError",
+    "FileFormatError",
+    "LabellessError",
+    "LayerInfo",
+    "LayerSetting",
+    "ModelError",
+    "ModelSpec",
+    "Plan",
+    "PlanError",
+    "QuantizedTensor",
+    "Rule",
+    "available_models",
+    "build_model",
+    "dequantize",
+    "inspect",
+    "kmeans1d",
+    "list_layers",
+    "load",
+    "load_plan",
+    "load_state_dict_file",
+    "load_weights",
+    "quantize",
+    "quantized_tensors",
+    "read",
+    "save",
+    "sse",
+]
+
+logging.getLogger(__name__).addHandler(logging.NullHandler())

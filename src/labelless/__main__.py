@@ -1,0 +1,8 @@
+"""``python -m labelless`` (also the entry point for torchrun)."""
+
+import sys
+
+from .cli import main
+
+if __name__ == "__main__":
+    sys.exit(main())

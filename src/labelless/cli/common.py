@@ -1,0 +1,50 @@
+"""Flags and helpers shared by several sub-commands."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+from torch import nn
+
+from ..models import ModelSpec, build_model, load_weights
+
+
+def add_model_args(parser: argparse.ArgumentParser, weights: bool = True, required: bool = True) -> None:
+    group = parser.add_argument_group("model")
+    group.add_argument("--model", required=required, help="torchvision classifier, e.g. resnet18, vgg16_bn")
+    group.add_argument("--num-classes", type=int, default=1000, help="outputs of the last layer (default 1000)")
+    group.add_argument("--in-channels", type=int, default=3, help="input channels: 1 for grayscale (default 3)")
+    group.add_argument("--small-input", action="store_true", help="stem for 28-32 px images")
+    group.add_argument("--image-size", type=int, default=0, help="input size (default 32 with --small-input, else 224)")
+    if weights:
+        group.add_argument("--weights", required=required, help="checkpoint: .safetensors or a .pt/.pth state_dict")
+
+
+def model_spec(args: argparse.Namespace) -> ModelSpec:
+    return ModelSpec(
+        args.model,
+        num_classes=args.num_classes,
+        in_channels=args.in_channels,
+        small_input=args.small_input,
+        image_size=args.image_size,
+    )
+
+
+def model_from_args(args: argparse.Namespace) -> nn.Module:
+    model = build_model(model_spec(args))
+    if getattr(args, "weights", None):
+        load_weights(model, args.weights)
+    return model.eval()
+
+
+def print_json(data: Any) -> None:
+    json.dump(data, sys.stdout, indent=2)
+    sys.stdout.write("\n")
+
+
+def output_path(value: str) -> Path:
+    return Path(value)

@@ -1,0 +1,31 @@
+"""``labelless decompress``: the dense weights of a .lless file as a safetensors state_dict."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+
+import safetensors.torch
+
+from ..fileformat import load
+from ..io import atomic_path, check_output_dir
+from ..quantize import dequantize
+
+log = logging.getLogger(__name__)
+
+
+def add_parser(subparsers) -> None:
+    parser = subparsers.add_parser("decompress", help="write the dense weights of a .lless file")
+    parser.add_argument("file", help="a .lless file")
+    parser.add_argument("-o", "--output", required=True, help="the .safetensors file to write")
+    parser.set_defaults(run=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    check_output_dir(args.output)
+    dense = dequantize(load(args.file))
+    state = {key: value.detach().contiguous().clone() for key, value in dense.state_dict().items()}
+    with atomic_path(args.output) as tmp:
+        safetensors.torch.save_file(state, str(tmp))
+    log.info("wrote %d tensors to %s", len(state), args.output)
+    return 0

@@ -1,0 +1,50 @@
+"""``labelless quantize``: apply a plan to a checkpoint and write a .lless file."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+
+from ..fileformat import save
+from ..io import check_output_dir
+from ..plan import load_plan
+from ..quantize import quantize
+from ..report import inspect_table
+from .common import add_model_args, model_from_args
+
+log = logging.getLogger(__name__)
+
+
+def add_parser(subparsers) -> None:
+    parser = subparsers.add_parser("quantize", help="quantize a checkpoint by a plan into a .lless file")
+    add_model_args(parser)
+    parser.add_argument("--plan", required=True, help="plan file (YAML or JSON): see README")
+    parser.add_argument("-o", "--output", required=True, help="the .lless file to write")
+    add_storage_args(parser)
+    parser.set_defaults(run=run)
+
+
+def add_storage_args(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group("storage")
+    group.add_argument("--entropy", choices=["none", "ans"], default="none", help="entropy-code the indices (lossless)")
+    group.add_argument("--fp16-codebooks", action="store_true", help="store codebooks in fp16")
+    group.add_argument("--fp16-dense", action="store_true", help="store non-quantized tensors in fp16")
+
+
+def storage_kwargs(args: argparse.Namespace) -> dict:
+    return {
+        "entropy": args.entropy,
+        "codebook_dtype": "float16" if args.fp16_codebooks else "float32",
+        "dense_dtype": "float16" if args.fp16_dense else "float32",
+    }
+
+
+def run(args: argparse.Namespace) -> int:
+    check_output_dir(args.output)
+    plan = load_plan(args.plan)
+    model = model_from_args(args)
+    quantized = quantize(model, plan, inplace=True)
+    report = save(quantized, args.output, **storage_kwargs(args))
+    print(inspect_table(report))
+    log.info("wrote %s", args.output)
+    return 0

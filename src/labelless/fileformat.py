@@ -1,0 +1,552 @@
+"""The ``.lless`` file: a compressed model in one safetensors container, no pickle.
+
+Layout (format version 1)::
+
+    safetensors file
+      __metadata__["labelless"] = JSON header (below)
+      <key>::codebook   F32|F16 (k,)      for each quantized tensor <key> (a state_dict key)
+      <key>::indices    U8 (bytes,)       bit-packed or ANS-coded indices; absent when k = 1
+      <key>::counts     I64 (k,)          values per centroid; only with ANS coding
+      <key>             F32|F16|...       every other state_dict tensor
+
+    header = {
+      "format": "labelless", "version": 1,
+      "architecture": ModelSpec as a mapping, or null for a model given at load time,
+      "plan": [rules], "layers": [{"index", "name", "type"}],
+      "tensors": {<key>: {"kind": "quantized", "shape", "n_clusters", "bits", "coding",
+                          "codebook_dtype"} | {"kind": "dense", "shape", "dtype", "stored_dtype"}},
+      "aliases": {<key>: <key it shares storage with>},
+      "fp32_bytes": size of the model's fp32 state_dict saved as safetensors,
+      "checksum": {"algorithm": "sha256", "tensors": hex}  # over names, dtypes, shapes, bytes
+    }
+
+Reading validates everything before building anything: sizes, types, limits, the checksum,
+index ranges, and the architecture's shapes (built on the meta device first, so a lying
+header cannot make it allocate a huge model).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import math
+import struct
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import safetensors.torch
+import torch
+from torch import nn
+
+from . import coding
+from .errors import FileFormatError, LabellessError, ModelError
+from .io import atomic_path
+from .layers import list_layers
+from .models import ModelSpec, build_model
+from .quantize import install, quantized_tensors
+
+__all__ = ["save", "load", "read", "inspect", "LlessFile", "FORMAT_VERSION"]
+
+log = logging.getLogger(__name__)
+
+FORMAT = "labelless"
+FORMAT_VERSION = 1
+MAX_HEADER_BYTES = 64 << 20
+MAX_TENSORS = 100_000
+MAX_NDIM = 8
+DEFAULT_MAX_PARAMS = 1 << 30
+_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16,
+           "float64": torch.float64, "int64": torch.int64, "int32": torch.int32,
+           "int16": torch.int16, "int8": torch.int8, "uint8": torch.uint8, "bool": torch.bool}
+_CODINGS = ("packed", "ans")
+
+
+@dataclass
+class LlessFile:
+    """A validated ``.lless`` file: its header and its tensors, not yet a model."""
+
+    path: Path
+    header: dict[str, Any]
+    tensors: dict[str, torch.Tensor]  # safetensors names -> tensors, as stored
+    file_bytes: int
+    header_bytes: int  # the 8-byte length plus the safetensors JSON header
+    stored_bytes: dict[str, int] = field(default_factory=dict)  # state_dict key -> data bytes
+
+    @property
+    def spec(self) -> ModelSpec | None:
+        arch = self.header["architecture"]
+        return None if arch is None else ModelSpec.from_dict(arch)
+
+
+# -- writing -------------------------------------------------------------------------------
+
+
+def save(
+    model: nn.Module,
+    path: str | Path,
+    *,
+    spec: ModelSpec | None = None,
+    codebook_dtype: str = "float32",
+    dense_dtype: str = "float32",
+    entropy: str = "none",
+) -> dict[str, Any]:
+    """Write ``model`` (quantized or not) to a ``.lless`` file; returns :func:`inspect`'s report.
+
+    ``codebook_dtype``/``dense_dtype`` ``"float16"`` halve codebooks / other tensors (the
+    loaded model then equals this one with those tensors rounded to fp16); ``entropy="ans"``
+    entropy-codes the indices, losslessly.
+
+    Example:
+        >>> report = save(quantize(model, plan), "model.lless")
+        >>> report["size_reduction"]
+        0.87
+    """
+    for name, value, valid in (("codebook_dtype", codebook_dtype, ("float32", "float16")),
+                               ("dense_dtype", dense_dtype, ("float32", "float16")),
+                               ("entropy", entropy, ("none", "ans"))):
+        if value not in valid:
+            raise LabellessError(f"{name} must be one of {list(valid)}, got {value!r}")
+    spec = spec or getattr(model, "labelless_spec", None)
+    tensors, entries, aliases = _encode_state(model, codebook_dtype, dense_dtype, entropy)
+    header = {
+        "format": FORMAT,
+        "version": FORMAT_VERSION,
+        "architecture": None if spec is None else spec.to_dict(),
+        "plan": _plan_data(model),
+        "layers": [{"index": l.index, "name": l.name, "type": l.type} for l in list_layers(model)],
+        "tensors": entries,
+        "aliases": aliases,
+        "fp32_bytes": fp32_safetensors_bytes(model),
+        "checksum": {"algorithm": "sha256", "tensors": _digest(tensors)},
+    }
+    with atomic_path(path) as tmp:
+        safetensors.torch.save_file(tensors, str(tmp), metadata={FORMAT: json.dumps(header)})
+    return inspect(path)
+
+
+def _plan_data(model: nn.Module) -> list | None:
+    plan = getattr(model, "labelless_plan", None)
+    return None if plan is None else plan.to_data()
+
+
+def _encode_state(model: nn.Module, codebook_dtype: str, dense_dtype: str, entropy: str):
+    quantized = quantized_tensors(model)
+    by_storage = {(id(qt.centroids), id(qt.indices)): key for key, qt in quantized.items()}
+    tensors: dict[str, torch.Tensor] = {}
+    entries: dict[str, Any] = {}
+    aliases: dict[str, str] = {}
+    for key, qt in quantized.items():
+        first = by_storage[(id(qt.centroids), id(qt.indices))]
+        if first != key:
+            aliases[key] = first
+            continue
+        entries[key] = _encode_quantized(key, qt, codebook_dtype, entropy, tensors)
+    quantized_names = {f"{key}_{suffix}" for key in quantized for suffix in ("centroids", "indices")}
+    seen: dict[tuple[int, int, tuple], str] = {}
+    for key, value in model.state_dict(keep_vars=True).items():
+        if key in quantized_names:
+            continue
+        value = value.detach()
+        identity = (value.data_ptr(), value.numel(), tuple(value.stride()))
+        if value.numel() and identity in seen:
+            aliases[key] = seen[identity]
+            continue
+        seen[identity] = key
+        entries[key] = _encode_dense(key, value, dense_dtype, tensors)
+    return tensors, entries, aliases
+
+
+def _encode_quantized(key: str, qt, codebook_dtype: str, entropy: str, tensors: dict) -> dict:
+    k = qt.n_clusters
+    bits = coding.index_bits(k)
+    indices = qt.indices.detach().cpu().numpy().reshape(-1)
+    tensors[f"{key}::codebook"] = qt.centroids.detach().cpu().to(_DTYPES[codebook_dtype]).contiguous()
+    use_ans = entropy == "ans" and k > 1
+    if use_ans:
+        counts = np.bincount(indices, minlength=k).astype(np.int64)
+        if (counts == 0).any():  # an unused centroid cannot be coded; it costs nothing to pack
+            use_ans = False
+    if use_ans:
+        tensors[f"{key}::indices"] = torch.from_numpy(coding.ans_encode(indices, counts))
+        tensors[f"{key}::counts"] = torch.from_numpy(counts)
+    elif bits:
+        tensors[f"{key}::indices"] = torch.from_numpy(coding.pack(indices, bits))
+    return {
+        "kind": "quantized",
+        "shape": list(qt.indices.shape),
+        "n_clusters": k,
+        "bits": bits,
+        "coding": "ans" if use_ans else "packed",
+        "codebook_dtype": codebook_dtype,
+    }
+
+
+def _encode_dense(key: str, value: torch.Tensor, dense_dtype: str, tensors: dict) -> dict:
+    dtype = _dtype_name(value.dtype)
+    stored = value.cpu().contiguous()
+    if dense_dtype == "float16" and value.dtype == torch.float32:
+        stored = stored.half()
+    tensors[key] = stored.clone() if stored.data_ptr() == value.data_ptr() else stored
+    return {"kind": "dense", "shape": list(value.shape), "dtype": dtype, "stored_dtype": _dtype_name(stored.dtype)}
+
+
+def _dtype_name(dtype: torch.dtype) -> str:
+    for name, candidate in _DTYPES.items():
+        if candidate == dtype:
+            return name
+    raise LabellessError(f"labelless cannot store tensors of dtype {dtype}")
+
+
+def _digest(tensors: dict[str, torch.Tensor]) -> str:
+    sha = hashlib.sha256()
+    for name in sorted(tensors):
+        tensor = tensors[name]
+        sha.update(json.dumps([name, str(tensor.dtype), list(tensor.shape)]).encode())
+        sha.update(tensor.contiguous().view(-1).view(torch.uint8).numpy().tobytes() if tensor.numel() else b"")
+    return sha.hexdigest()
+
+
+def fp32_safetensors_bytes(model: nn.Module) -> int:
+    """Size of the model's dense fp32 state_dict saved as a safetensors file (computed)."""
+    shapes: dict[str, tuple[str, list[int], int]] = {}
+    quantized = quantized_tensors(model)
+    for key, qt in quantized.items():
+        shapes[key] = ("F32", list(qt.indices.shape), qt.indices.numel() * 4)
+    skip = {f"{key}_{s}" for key in quantized for s in ("centroids", "indices")}
+    for key, value in model.state_dict(keep_vars=True).items():
+        if key not in skip:
+            dtype = torch.float32 if value.is_floating_point() else value.dtype
+            shapes[key] = (_SAFETENSORS_DTYPES[dtype], list(value.shape), value.numel() * dtype.itemsize)
+    return safetensors_size(shapes)
+
+
+_SAFETENSORS_DTYPES = {torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16",
+                       torch.float64: "F64", torch.int64: "I64", torch.int32: "I32",
+                       torch.int16: "I16", torch.int8: "I8", torch.uint8: "U8", torch.bool: "BOOL"}
+
+
+def safetensors_size(shapes: dict[str, tuple[str, list[int], int]]) -> int:
+    """Bytes of a safetensors file holding tensors ``name -> (dtype, shape, nbytes)``.
+
+    Mirrors the writer: tensors sorted by dtype size (largest first) then name, a compact
+    JSON header padded with spaces to a multiple of 8 bytes.
+    """
+    order = sorted(shapes, key=lambda n: (-_ALIGN[shapes[n][0]], n))
+    entries, offset = [], 0
+    for name in order:
+        dtype, shape, nbytes = shapes[name]
+        entries.append(f'{json.dumps(name)}:{{"dtype":"{dtype}","shape":{json.dumps(shape, separators=(",", ":"))},'
+                       f'"data_offsets":[{offset},{offset + nbytes}]}}')
+        offset += nbytes
+    header = len("{" + ",".join(entries) + "}")
+    return 8 + header + (-header % 8) + offset
+
+
+_ALIGN = {"F64": 8, "I64": 8, "F32": 4, "I32": 4, "F16": 2, "BF16": 2, "I16": 2, "I8": 1, "U8": 1, "BOOL": 1}
+
+
+# -- reading -------------------------------------------------------------------------------
+
+
+def read(path: str | Path) -> LlessFile:
+    """Read and validate a ``.lless`` file without building a model.
+
+    Raises :class:`FileFormatError` (a ``ValueError``) for anything truncated, corrupted,
+    of another version, or inconsistent with itself.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise FileFormatError(f"{str(path)!r} does not exist or is not a file")
+    data = path.read_bytes()
+    header_len, raw_header = _safetensors_header(data, path)
+    header = _labelless_header(raw_header, path)
+    try:
+        tensors = safetensors.torch.load(data)
+    except Exception as exc:  # safetensors raises its own error types
+        raise FileFormatError(f"{path}: the tensor data is unreadable ({_short(exc)})") from None
+    _validate_tensors(header, tensors, path)
+    if _digest(tensors) != header["checksum"]["tensors"]:
+        raise FileFormatError(f"{path}: checksum mismatch: the file is corrupted; write it again")
+    stored = _stored_bytes(header, tensors)
+    return LlessFile(path, header, tensors, len(data), 8 + header_len, stored)
+
+
+def _safetensors_header(data: bytes, path: Path) -> tuple[int, dict]:
+    if len(data) < 8:
+        raise FileFormatError(f"{path}: only {len(data)} bytes: truncated, or not a .lless file")
+    (header_len,) = struct.unpack("<Q", data[:8])
+    if header_len > min(len(data) - 8, MAX_HEADER_BYTES):
+        raise FileFormatError(f"{path}: declares a {header_len}-byte header in a {len(data)}-byte file: truncated or not a .lless file")
+    try:
+        raw = json.loads(data[8 : 8 + header_len])
+    except (UnicodeDecodeError, json.JSONDecodeError):
+        raise FileFormatError(f"{path}: the header is not valid JSON: corrupted, or not a .lless file") from None
+    if not isinstance(raw, dict):
+        raise FileFormatError(f"{path}: the header is not a JSON object: not a .lless file")
+    return header_len, raw
+
+
+def _labelless_header(raw: dict, path: Path) -> dict:
+    metadata = raw.get("__metadata__")
+    if not isinstance(metadata, dict) or not isinstance(metadata.get(FORMAT), str):
+        raise FileFormatError(f"{path}: a safetensors file without a labelless header: not a .lless file")
+    try:
+        header = json.loads(metadata[FORMAT])
+    except json.JSONDecodeError:
+        raise FileFormatError(f"{path}: the labelless header is not valid JSON: the file is corrupted") from None
+    try:
+        _check_header(header)
+    except FileFormatError as exc:
+        raise FileFormatError(f"{path}: {exc}") from None
+    return header
+
+
+def _check_header(header: Any) -> None:
+    _expect(isinstance(header, dict) and header.get("format") == FORMAT, "not a labelless header")
+    version = header.get("version")
+    _expect(isinstance(version, int) and not isinstance(version, bool), "the header has no format version")
+    if version != FORMAT_VERSION:
+        raise FileFormatError(
+            f"format version {version} is not supported (this labelless reads version "
+            f"{FORMAT_VERSION}): use the labelless release that wrote it"
+        )
+    for name, kind in (("tensors", dict), ("aliases", dict), ("layers", list), ("checksum", dict)):
+        _expect(isinstance(header.get(name), kind), f"header field {name!r} is missing or not a {kind.__name__}")
+    _expect(header["architecture"] is None or isinstance(header["architecture"], dict), "bad architecture")
+    _expect(header.get("plan") is None or isinstance(header["plan"], list), "bad plan")
+    _expect(_is_count(header.get("fp32_bytes")), "bad fp32_bytes")
+    _expect(isinstance(header["checksum"].get("tensors"), str), "the header has no checksum")
+    _expect(len(header["tensors"]) <= MAX_TENSORS, "too many tensors")
+    for key, entry in header["tensors"].items():
+        _check_entry(key, entry)
+    for key, target in header["aliases"].items():
+        _expect(isinstance(target, str) and target in header["tensors"] and key not in header["tensors"],
+                f"alias {key!r} points at no stored tensor")
+    for layer in header["layers"]:
+        _expect(isinstance(layer, dict) and _is_count(layer.get("index")) and isinstance(layer.get("name"), str)
+                and isinstance(layer.get("type"), str), "bad layer list")
+
+
+def _check_entry(key: Any, entry: Any) -> None:
+    _expect(isinstance(key, str) and "::" not in key and isinstance(entry, dict), f"bad tensor entry {key!r}")
+    shape = entry.get("shape")
+    _expect(isinstance(shape, list) and len(shape) <= MAX_NDIM and all(_is_count(d) for d in shape),
+            f"tensor {key!r} has a bad shape")
+    _expect(math.prod(shape) < 1 << 40, f"tensor {key!r} is impossibly large")
+    if entry.get("kind") == "quantized":
+        k = entry.get("n_clusters")
+        _expect(_is_count(k) and 1 <= k <= 1 << 24, f"tensor {key!r} has a bad number of centroids")
+        _expect(entry.get("bits") == coding.index_bits(k), f"tensor {key!r}: bits do not match its centroids")
+        _expect(entry.get("coding") in _CODINGS, f"tensor {key!r} has an unknown index coding")
+        _expect(entry.get("codebook_dtype") in ("float32", "float16"), f"tensor {key!r}: bad codebook dtype")
+        _expect(k <= max(1, math.prod(shape)), f"tensor {key!r} has more centroids than values")
+    else:
+        _expect(entry.get("kind") == "dense", f"tensor {key!r} has an unknown kind")
+        _expect(entry.get("dtype") in _DTYPES and entry.get("stored_dtype") in _DTYPES, f"tensor {key!r}: bad dtype")
+
+
+def _expect(condition: bool, message: str) -> None:
+    if not condition:
+        raise FileFormatError(f"{message}: the file is corrupted or not a .lless file")
+
+
+def _is_count(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
+
+
+def _expected_tensors(header: dict) -> dict[str, tuple[tuple[torch.dtype, ...], tuple[int, ...] | None]]:
+    """safetensors name -> (allowed dtypes, exact shape or None for 1-D of any length)."""
+    expected: dict[str, tuple[tuple[torch.dtype, ...], tuple[int, ...] | None]] = {}
+    for key, entry in header["tensors"].items():
+        if entry["kind"] == "dense":
+            expected[key] = ((_DTYPES[entry["stored_dtype"]],), tuple(entry["shape"]))
+            continue
+        k = entry["n_clusters"]
+        expected[f"{key}::codebook"] = ((_DTYPES[entry["codebook_dtype"]],), (k,))
+        if entry["coding"] == "ans":
+            expected[f"{key}::indices"] = ((torch.uint8,), None)
+            expected[f"{key}::counts"] = ((torch.int64,), (k,))
+        elif entry["bits"]:
+            n_bytes = coding.packed_size(math.prod(entry["shape"]), entry["bits"])
+            expected[f"{key}::indices"] = ((torch.uint8,), (n_bytes,))
+    return expected
+
+
+def _validate_tensors(header: dict, tensors: dict[str, torch.Tensor], path: Path) -> None:
+    expected = _expected_tensors(header)
+    extra = sorted(set(tensors) - set(expected))
+    missing = sorted(set(expected) - set(tensors))
+    if extra or missing:
+        raise FileFormatError(f"{path}: header and data disagree (missing {missing[:3]}, unexpected {extra[:3]}): the file is corrupted")
+    for name, (dtypes, shape) in expected.items():
+        tensor = tensors[name]
+        ok = tensor.dtype in dtypes and (tuple(tensor.shape) == shape if shape is not None else tensor.dim() == 1)
+        if not ok:
+            raise FileFormatError(f"{path}: tensor {name!r} is {tensor.dtype} {tuple(tensor.shape)}, not what the header declares: the file is corrupted")
+
+
+def _stored_bytes(header: dict, tensors: dict[str, torch.Tensor]) -> dict[str, int]:
+    stored = {}
+    for key, entry in header["tensors"].items():
+        names = [key] if entry["kind"] == "dense" else [f"{key}::{part}" for part in ("codebook", "indices", "counts")]
+        stored[key] = sum(tensors[n].numel() * tensors[n].element_size() for n in names if n in tensors)
+    return stored
+
+
+# -- loading into a model ------------------------------------------------------------------
+
+
+def load(path: str | Path, model: nn.Module | None = None, *, max_params: int = DEFAULT_MAX_PARAMS) -> nn.Module:
+    """Rebuild the model saved in a ``.lless`` file.
+
+    Quantized tensors come back as codebook + indices (so the model can be retrained or
+    saved again); outputs are bit-identical to the model that was saved. A file written
+    from a custom ``nn.Module`` needs that module (freshly constructed) as ``model``.
+
+    Example:
+        >>> model = load("model.lless")
+        >>> logits = model.eval()(images)
+    """
+    lless = read(path)
+    target = _target_model(lless, model, max_params)
+    _fill(target, lless)
+    target.eval()
+    return target
+
+
+def _target_model(lless: LlessFile, model: nn.Module | None, max_params: int) -> nn.Module:
+    if model is not None:
+        _check_shapes(model, lless)
+        return model
+    try:
+        spec = lless.spec
+    except ModelError as exc:
+        raise FileFormatError(f"{lless.path}: the architecture in the file is unusable: {exc}") from None
+    if spec is None:
+        raise LabellessError(f"{lless.path} holds a custom model: pass a freshly built one, load(path, model=...)")
+    skeleton = build_model(spec, device="meta")
+    n_params = sum(v.numel() for v in skeleton.state_dict().values())
+    if n_params > max_params:
+        raise FileFormatError(f"{lless.path}: declares a model of {n_params} values, above the limit of {max_params}")
+    _check_shapes(skeleton, lless)
+    persistent = set(skeleton.state_dict())
+    if any(name not in persistent for name, _ in skeleton.named_buffers()):
+        return build_model(spec)  # non-persistent buffers need their real initial values
+    return skeleton.to_empty(device="cpu")
+
+
+def _check_shapes(model: nn.Module, lless: LlessFile) -> None:
+    entries, aliases = lless.header["tensors"], lless.header["aliases"]
+    expected = {k: list(v.shape) for k, v in model.state_dict().items()}
+    declared = {k: e["shape"] for k, e in entries.items()}
+    declared.update({k: entries[t]["shape"] for k, t in aliases.items()})
+    if expected != declared:
+        diff = sorted(set(expected) ^ set(declared)) or [k for k in expected if expected[k] != declared[k]]
+        raise FileFormatError(
+            f"{lless.path}: its tensors do not fit the model it names ({', '.join(diff[:3])}): "
+            "the file is corrupted or was written for another architecture"
+        )
+
+
+def _fill(model: nn.Module, lless: LlessFile) -> None:
+    entries, aliases = lless.header["tensors"], lless.header["aliases"]
+    modules = dict(model.named_modules())
+    built: dict[str, tuple[nn.Parameter, torch.Tensor]] = {}
+    for key in list(entries) + list(aliases):
+        source = aliases.get(key, key)
+        entry = entries[source]
+        owner, _, name = key.rpartition(".")
+        module = modules[owner]
+        if entry["kind"] == "quantized":
+            if source not in built:
+                built[source] = _decode_quantized(source, entry, lless)
+            install(module, name, *built[source])
+        else:
+            value = lless.tensors[source].to(_DTYPES[entry["dtype"]])
+            target = module._parameters.get(name) if name in module._parameters else module._buffers.get(name)
+            with torch.no_grad():
+                target.copy_(value)
+
+
+def _decode_quantized(key: str, entry: dict, lless: LlessFile) -> tuple[nn.Parameter, torch.Tensor]:
+    k, shape = entry["n_clusters"], entry["shape"]
+    n_values = math.prod(shape)
+    dtype = np.uint8 if k <= 256 else (np.int16 if k <= 32768 else np.int32)
+    centroids = lless.tensors[f"{key}::codebook"].float()
+    if not torch.isfinite(centroids).all():
+        raise FileFormatError(f"{lless.path}: tensor {key!r} has non-finite centroids: the file is corrupted")
+    if entry["bits"] == 0:
+        indices = np.zeros(n_values, dtype)
+    elif entry["coding"] == "ans":
+        counts = lless.tensors[f"{key}::counts"].numpy()
+        if (counts <= 0).any() or counts.sum() != n_values:
+            raise FileFormatError(f"{lless.path}: tensor {key!r} has bad centroid counts: the file is corrupted")
+        indices = coding.ans_decode(lless.tensors[f"{key}::indices"].numpy(), counts, n_values, dtype)
+    else:
+        indices = coding.unpack(lless.tensors[f"{key}::indices"].numpy(), entry["bits"], n_values, k, dtype)
+    return nn.Parameter(centroids, requires_grad=False), torch.from_numpy(indices).view(shape)
+
+
+def _short(exc: BaseException) -> str:
+    text = str(exc).strip().splitlines()
+    return (text[0] if text else type(exc).__name__)[:160]
+
+
+# -- sizes ---------------------------------------------------------------------------------
+
+
+def inspect(path: str | Path) -> dict[str, Any]:
+    """Sizes of a ``.lless`` file: per layer, other tensors and header add up to the file.
+
+    ``bytes`` is what each layer takes on disk; ``packed_bytes`` what it would take with
+    plain bit-packed indices (equal unless the indices are ANS-coded).
+    """
+    lless = read(path)
+    header, stored = lless.header, lless.stored_bytes
+    rows, claimed = [], set()
+    for layer in header["layers"]:
+        keys = [f"{layer['name']}.{p}" if layer["name"] else p for p in ("weight", "bias")]
+        claimed.update(keys)
+        rows.append(_layer_row(layer, keys, header, stored))
+    other = sum(n for key, n in stored.items() if key not in claimed)
+    total = lless.header_bytes + sum(r["bytes"] for r in rows) + other
+    if total != lless.file_bytes:  # cannot happen for a file that passed read()
+        raise FileFormatError(f"{path}: sizes do not add up ({total} vs {lless.file_bytes} bytes)")
+    packed_total = total + sum(r["packed_bytes"] - r["bytes"] for r in rows)
+    fp32 = header["fp32_bytes"]
+    return {
+        "path": str(path),
+        "architecture": header["architecture"],
+        "plan": header["plan"],
+        "total_bytes": total,
+        "packed_total_bytes": packed_total,
+        "fp32_bytes": fp32,
+        "size_reduction": 1 - total / fp32 if fp32 else 0.0,
+        "header_bytes": lless.header_bytes,
+        "other_bytes": other,
+        "layers": rows,
+    }
+
+
+def _layer_row(layer: dict, keys: list[str], header: dict, stored: dict[str, int]) -> dict[str, Any]:
+    entries, aliases = header["tensors"], header["aliases"]
+    row = {"index": layer["index"], "name": layer["name"], "type": layer["type"], "n_params": 0,
+           "weights_clusters": None, "bias_clusters": None, "bytes": 0, "packed_bytes": 0}
+    for key, field_name in zip(keys, ("weights_clusters", "bias_clusters")):
+        entry = entries.get(aliases.get(key, key))
+        if entry is None:
+            continue
+        n_values = math.prod(entry["shape"])
+        row["n_params"] += n_values
+        own = 0 if key in aliases else stored[key]
+        row["bytes"] += own
+        row["packed_bytes"] += own
+        if entry["kind"] == "quantized":
+            row[field_name] = entry["n_clusters"]
+            if entry["coding"] == "ans" and key not in aliases:
+                codebook = entry["n_clusters"] * (2 if entry["codebook_dtype"] == "float16" else 4)
+                row["packed_bytes"] += codebook + coding.packed_size(n_values, entry["bits"]) - own
+    return row

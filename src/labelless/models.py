@@ -1,0 +1,290 @@
+"""Model names -> ``nn.Module``, and checkpoints -> weights, without executing pickle.
+
+A :class:`ModelSpec` names a torchvision classifier and the few changes labelless makes to
+it (classes, input channels, a small-input stem for 28-32 px images); it is what a
+``.lless`` file records so that the model can be rebuilt.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import pickle
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+import torchvision
+from torch import nn
+
+from .errors import ModelError
+
+__all__ = [
+    "ModelSpec",
+    "available_models",
+    "build_model",
+    "load_state_dict_file",
+    "load_weights",
+    "IMAGENET_MEAN",
+    "IMAGENET_STD",
+]
+
+log = logging.getLogger(__name__)
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+MAX_CLASSES = 100_000
+MAX_CHANNELS = 64
+MAX_IMAGE_SIZE = 4096
+_NO_SMALL_INPUT = ("googlenet", "inception", "vit_", "swin_", "maxvit")
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """A torchvision classifier and how labelless adapts it.
+
+    Example:
+        >>> spec = ModelSpec("resnet18", num_classes=10, in_channels=1, small_input=True)
+        >>> model = build_model(spec)
+    """
+
+    name: str  # torchvision classifier, e.g. "resnet18", "vgg16_bn"
+    num_classes: int = 1000  # outputs of the last layer
+    in_channels: int = 3  # 1 for grayscale input
+    small_input: bool = False  # stem for 28-32 px images (no early downsampling)
+    image_size: int = 0  # input height = width; 0 means 32 with small_input, else 224
+    mean: tuple[float, ...] = ()  # per-channel normalisation the model was trained with
+    std: tuple[float, ...] = ()  # (empty: ImageNet's, repeated or averaged per channel)
+
+    def __post_init__(self) -> None:
+        _check_int("num_classes", self.num_classes, 1, MAX_CLASSES)
+        _check_int("in_channels", self.in_channels, 1, MAX_CHANNELS)
+        _check_int("image_size", self.image_size, 0, MAX_IMAGE_SIZE)
+        if self.name not in available_models():
+            raise ModelError(
+                f"unknown model {self.name!r}: choose a torchvision classifier such as "
+                f"resnet18, resnet50, vgg16_bn, mobilenet_v2 (see `labelless layers --help`)"
+            )
+        if self.small_input and self.name.startswith(_NO_SMALL_INPUT):
+            raise ModelError(f"{self.name} has no small-input stem: drop --small-input")
+        if not self.image_size:
+            object.__setattr__(self, "image_size", 32 if self.small_input else 224)
+        for field in ("mean", "std"):
+            object.__setattr__(self, field, self._normalisation(field))
+
+    def _normalisation(self, field: str) -> tuple[float, ...]:
+        given = tuple(float(v) for v in getattr(self, field))
+        if not given:
+            imagenet = IMAGENET_MEAN if field == "mean" else IMAGENET_STD
+            given = imagenet if self.in_channels == 3 else (sum(imagenet) / 3,) * self.in_channels
+        if len(given) != self.in_channels or (field == "std" and min(given) <= 0):
+            raise ModelError(
+                f"{field} needs {self.in_channels} value(s){' > 0' if field == 'std' else ''}, "
+                f"got {list(given)}"
+            )
+        return given
+
+    def to_dict(self) -> dict[str, Any]:
+        data = dataclasses.asdict(self)
+        data["mean"], data["std"] = list(self.mean), list(self.std)
+        return data
+
+    @classmethod
+    def from_dict(cls, data: Any) -> "ModelSpec":
+        if not isinstance(data, dict):
+            raise ModelError(f"an architecture must be a mapping, got {type(data).__name__}")
+        fields = {f.name for f in dataclasses.fields(cls)}
+        unknown = set(data) - fields
+        if unknown:
+            raise ModelError(f"unknown architecture field(s) {sorted(unknown)}; valid: {sorted(fields)}")
+        if not isinstance(data.get("name"), str):
+            raise ModelError("an architecture needs a model name")
+        for field in ("mean", "std"):
+            if field in data and not isinstance(data[field], (list, tuple)):
+                raise ModelError(f"architecture field {field!r} must be a list of numbers")
+        try:
+            return cls(**data)
+        except TypeError as exc:
+            raise ModelError(f"bad architecture fields: {exc}") from None
+
+    def example_input(self, batch: int = 1, device: str | torch.device = "cpu") -> torch.Tensor:
+        return torch.zeros(batch, self.in_channels, self.image_size, self.image_size, device=device)
+
+
+def _check_int(name: str, value: Any, low: int, high: int) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or not low <= value <= high:
+        raise ModelError(f"{name} must be a whole number in [{low}, {high}], got {value!r}")
+
+
+_MODELS: list[str] | None = None
+
+
+def available_models() -> list[str]:
+    """The torchvision classifiers labelless can build."""
+    global _MODELS
+    if _MODELS is None:
+        _MODELS = sorted(torchvision.models.list_models(module=torchvision.models))
+    return _MODELS
+
+
+def build_model(spec: ModelSpec, device: str | torch.device | None = None) -> nn.Module:
+    """A freshly initialised model for ``spec`` (``device="meta"`` allocates nothing)."""
+    kwargs: dict[str, Any] = {"weights": None, "num_classes": spec.num_classes}
+    if spec.name.startswith(("googlenet", "inception")):
+        kwargs.update(aux_logits=False, init_weights=True)
+    with torch.device(device or "cpu"):
+        model = torchvision.models.get_model(spec.name, **kwargs)
+        if spec.in_channels != 3:
+            _replace_first_conv(model, in_channels=spec.in_channels)
+        if spec.small_input:
+            _small_input_stem(model, spec.name)
+    model.labelless_spec = spec
+    return model
+
+
+def _first_conv(model: nn.Module) -> tuple[nn.Module, str, nn.Conv2d]:
+    for fqn, module in model.named_modules():
+        for child_name, child in module.named_children():
+            if isinstance(child, nn.Conv2d):
+                return module, child_name, child
+    raise ModelError(f"{type(model).__name__} has no Conv2d stem to adapt")
+
+
+def _replace_first_conv(model: nn.Module, in_channels: int | None = None, **changes: Any) -> None:
+    parent, name, conv = _first_conv(model)
+    config = dict(
+        in_channels=in_channels or conv.in_channels,
+        out_channels=conv.out_channels,
+        kernel_size=conv.kernel_size,
+        stride=conv.stride,
+        padding=conv.padding,
+        groups=conv.groups,
+        bias=conv.bias is not None,
+    )
+    config.update(changes)
+    setattr(parent, name, nn.Conv2d(**config))
+
+
+def _small_input_stem(model: nn.Module, name: str) -> None:
+    # Keep 28-32 px images from shrinking to nothing in the first layers.
+    if name.startswith(("resnet", "resnext", "wide_resnet")):
+        _replace_first_conv(model, kernel_size=3, stride=1, padding=1)
+        model.maxpool = nn.Identity()
+    elif name.startswith("densenet"):
+        _replace_first_conv(model, kernel_size=3, stride=1, padding=1)
+        model.features.pool0 = nn.Identity()
+    elif name.startswith("shufflenet"):
+        _replace_first_conv(model, stride=1)
+        model.maxpool = nn.Identity()
+    elif name.startswith("alexnet"):
+        _replace_first_conv(model, kernel_size=3, stride=1, padding=1)
+    elif not name.startswith("vgg"):  # VGG already works at 32 px; others: stride-1 stem
+        _replace_first_conv(model, stride=1)
+
+
+# -- checkpoints ---------------------------------------------------------------------------
+
+_WRAPPER_KEYS = ("state_dict", "model_state_dict", "model", "module", "net", "weights")
+_PREFIXES = ("module.", "_orig_mod.", "model.")
+
+
+def load_state_dict_file(path: str | Path) -> dict[str, torch.Tensor]:
+    """Tensors of a ``.safetensors`` file or a ``.pt``/``.pth`` state_dict, never unpickling code.
+
+    The usual wrappers are unwrapped: a ``state_dict``/``model`` key, a ``module.`` prefix.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise ModelError(f"weights file {str(path)!r} does not exist: give the path of a checkpoint")
+    if path.suffix == ".safetensors":
+        state = _read_safetensors(path)
+    else:
+        state = _read_torch(path)
+    return _strip_prefixes(_unwrap(state, path))
+
+
+def _read_safetensors(path: Path) -> dict[str, torch.Tensor]:
+    import safetensors.torch
+
+    try:
+        return safetensors.torch.load_file(str(path))
+    except Exception as exc:  # safetensors raises its own error types
+        raise ModelError(f"{path}: not a readable safetensors file ({_first_line(exc)})") from None
+
+
+def _read_torch(path: Path) -> Any:
+    try:
+        return torch.load(str(path), map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as exc:
+        raise ModelError(
+            f"{path}: refused to load: it holds pickled objects beyond plain tensors, and "
+            "labelless never runs code from a checkpoint; re-save it as model.state_dict() "
+            "or as .safetensors"
+        ) from None
+    except Exception as exc:
+        raise ModelError(f"{path}: not a readable PyTorch checkpoint ({_first_line(exc)})") from None
+
+
+def _unwrap(state: Any, path: Path) -> dict[str, torch.Tensor]:
+    for _ in range(3):
+        if isinstance(state, dict) and state and all(isinstance(v, torch.Tensor) for v in state.values()):
+            return state
+        if isinstance(state, dict):
+            inner = next((state[k] for k in _WRAPPER_KEYS if isinstance(state.get(k), dict)), None)
+            if inner is not None:
+                state = inner
+                continue
+        break
+    raise ModelError(
+        f"{path}: not a state_dict (expected a mapping of parameter names to tensors, "
+        f"got {type(state).__name__}); save model.state_dict()"
+    )
+
+
+def _strip_prefixes(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    for prefix in _PREFIXES:
+        if all(k.startswith(prefix) for k in state):
+            state = {k[len(prefix) :]: v for k, v in state.items()}
+    return state
+
+
+def load_weights(model: nn.Module, path: str | Path) -> nn.Module:
+    """Load a checkpoint into ``model`` in place, with a clear error on any mismatch."""
+    state = load_state_dict_file(path)
+    check_state_dict(model, state, source=str(path))
+    model.load_state_dict(state, strict=True)
+    return model
+
+
+def check_state_dict(model: nn.Module, state: dict[str, torch.Tensor], source: str) -> None:
+    """Raise :class:`ModelError` unless ``state`` has exactly the model's keys and shapes."""
+    expected = model.state_dict()
+    missing = [k for k in expected if k not in state]
+    unexpected = [k for k in state if k not in expected]
+    wrong = [
+        f"{k} {tuple(state[k].shape)} vs {tuple(v.shape)}"
+        for k, v in expected.items()
+        if k in state and state[k].shape != v.shape
+    ]
+    if not (missing or unexpected or wrong):
+        return
+    what = type(model).__name__
+    spec = getattr(model, "labelless_spec", None)
+    if spec is not None:
+        what = f"{spec.name} (num_classes={spec.num_classes}, in_channels={spec.in_channels})"
+    detail = "; ".join(
+        f"{label}: {', '.join(items[:3])}{' ...' if len(items) > 3 else ''}"
+        for label, items in (("missing", missing), ("unexpected", unexpected), ("shape", wrong))
+        if items
+    )
+    raise ModelError(
+        f"{source} does not fit {what} ({detail}): check --model, --num-classes, "
+        "--in-channels and --small-input"
+    )
+
+
+def _first_line(exc: BaseException) -> str:
+    text = re.sub(r"\x1b\[[0-9;]*m", "", str(exc)).strip().splitlines()
+    return text[0][:200] if text else type(exc).__name__
