@@ -123,7 +123,7 @@ def _quantize_parameter(model: nn.Module, module: nn.Module, fqn: str, name: str
         n_clusters = values.numel()
     flat = np.ascontiguousarray(values.reshape(-1).to("cpu", torch.float32).numpy())
     centroids, indices = cluster(flat, n_clusters, None, _index_dtype(n_clusters))
-    centroids_t = torch.from_numpy(centroids).to(values.device)
+    centroids_t = nn.Parameter(torch.from_numpy(centroids).to(values.device), requires_grad=False)
     indices_t = torch.from_numpy(indices).view(values.shape).to(values.device)
     for owner, owner_name in _owners(model, param):
         install(owner, owner_name, centroids_t, indices_t)

@@ -10,6 +10,7 @@ from typing import Any
 
 from torch import nn
 
+from ..io import atomic_write_json
 from ..models import ModelSpec, build_model, load_weights
 
 
@@ -20,8 +21,30 @@ def add_model_args(parser: argparse.ArgumentParser, weights: bool = True, requir
     group.add_argument("--in-channels", type=int, default=3, help="input channels: 1 for grayscale (default 3)")
     group.add_argument("--small-input", action="store_true", help="stem for 28-32 px images")
     group.add_argument("--image-size", type=int, default=0, help="input size (default 32 with --small-input, else 224)")
+    group.add_argument("--mean", type=_floats, default=(), help="per-channel normalisation mean, e.g. 0.286")
+    group.add_argument("--std", type=_floats, default=(), help="per-channel normalisation std, e.g. 0.353")
     if weights:
         group.add_argument("--weights", required=required, help="checkpoint: .safetensors or a .pt/.pth state_dict")
+
+
+def add_device_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--device", default="auto", help="cpu, cuda, cuda:1 ... (default: cuda when present)")
+    parser.add_argument("--batch-size", type=int, default=256, help="images per batch (default 256)")
+    parser.add_argument("--seed", type=int, default=0, help="seed for subsets and shuffling (default 0)")
+
+
+def _floats(text: str) -> tuple[float, ...]:
+    try:
+        return tuple(float(v) for v in text.split(",") if v.strip())
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated numbers, got {text!r}") from None
+
+
+def ints(text: str) -> tuple[int, ...]:
+    try:
+        return tuple(int(v) for v in text.split(",") if v.strip())
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated whole numbers, got {text!r}") from None
 
 
 def model_spec(args: argparse.Namespace) -> ModelSpec:
@@ -31,6 +54,8 @@ def model_spec(args: argparse.Namespace) -> ModelSpec:
         in_channels=args.in_channels,
         small_input=args.small_input,
         image_size=args.image_size,
+        mean=args.mean,
+        std=args.std,
     )
 
 
@@ -41,10 +66,13 @@ def model_from_args(args: argparse.Namespace) -> nn.Module:
     return model.eval()
 
 
+def write_config(path: str | Path, args: argparse.Namespace, **extra: Any) -> None:
+    """The resolved configuration of a command, next to its outputs."""
+    data = {k: (list(v) if isinstance(v, tuple) else v) for k, v in vars(args).items() if k != "run"}
+    data.update(extra)
+    atomic_write_json(path, data)
+
+
 def print_json(data: Any) -> None:
     json.dump(data, sys.stdout, indent=2)
     sys.stdout.write("\n")
-
-
-def output_path(value: str) -> Path:
-    return Path(value)

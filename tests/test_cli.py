@@ -1,0 +1,84 @@
+"""The command line: each sub-command end to end, errors as one line and nothing half-written."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import safetensors.torch
+import torch
+
+import labelless
+from labelless.cli import main
+
+MODEL = ["--model", "resnet18", "--num-classes", "10", "--in-channels", "1", "--small-input"]
+
+
+@pytest.fixture
+def checkpoint(tmp_path, model):
+    path = tmp_path / "r18.safetensors"
+    safetensors.torch.save_file(model.state_dict(), path)
+    return path
+
+
+@pytest.fixture
+def plan_file(tmp_path):
+    path = tmp_path / "plan.yaml"
+    path.write_text('- layers: "*"\n  weights: 16\n  bias: 1\n')
+    return path
+
+
+def test_layers_prints_the_numbering(capsys):
+    assert main(["layers", *MODEL, "--json"]) == 0
+    layers = json.loads(capsys.readouterr().out)
+    assert [l["index"] for l in layers] == list(range(1, 22))
+    assert layers[0]["name"] == "conv1" and layers[-1]["type"] == "Linear"
+    assert main(["layers", "--model", "vgg16"]) == 0
+    assert "14  classifier.0" in capsys.readouterr().out
+
+
+def test_quantize_inspect_decompress(tmp_path, checkpoint, plan_file, capsys, model):
+    out = tmp_path / "m.lless"
+    assert main(["quantize", *MODEL, "--weights", str(checkpoint), "--plan", str(plan_file), "-o", str(out)]) == 0
+    capsys.readouterr()
+    assert main(["inspect", str(out), "--json"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["total_bytes"] == out.stat().st_size
+    assert 0.8 < report["size_reduction"] < 1
+    assert {"index", "name", "n_params", "weights_clusters", "bias_clusters", "bytes"} <= set(report["layers"][0])
+    dense = tmp_path / "dense.safetensors"
+    assert main(["decompress", str(out), "-o", str(dense)]) == 0
+    state = safetensors.torch.load_file(dense)
+    assert set(state) == set(model.state_dict())
+    assert state["conv1.weight"].unique().numel() <= 16
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--plan", "{plan}", "--weights", "{tmp}/missing.pt"], "does not exist"),
+        (["--plan", "{tmp}/none.yaml", "--weights", "{ckpt}"], "does not exist"),
+        (["--plan", "{bad}", "--weights", "{ckpt}"], "out of range"),
+    ],
+)
+def test_bad_input_fails_with_one_line_and_no_output(tmp_path, checkpoint, plan_file, capsys, args, message):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text('- layers: "40"\n  weights: 4\n')
+    fill = {"plan": plan_file, "tmp": tmp_path, "ckpt": checkpoint, "bad": bad}
+    out = tmp_path / "out.lless"
+    code = main(["quantize", *MODEL, *[a.format(**fill) for a in args], "-o", str(out)])
+    err = capsys.readouterr().err.strip()
+    assert code != 0 and len(err.splitlines()) == 1 and message in err and "Traceback" not in err
+    assert not out.exists() and not list(tmp_path.glob(".out.lless*"))
+
+
+def test_wrong_architecture_and_missing_output_folder(tmp_path, checkpoint, plan_file, capsys):
+    code = main(["quantize", "--model", "resnet18", "--num-classes", "100", "--in-channels", "1", "--small-input",
+                 "--weights", str(checkpoint), "--plan", str(plan_file), "-o", str(tmp_path / "o.lless")])
+    assert code == 2 and "does not fit resnet18" in capsys.readouterr().err
+    code = main(["quantize", *MODEL, "--weights", str(checkpoint), "--plan", str(plan_file), "-o", str(tmp_path / "no" / "o.lless")])
+    assert code == 2 and "does not exist" in capsys.readouterr().err
+
+
+def test_python_dash_m_entry_point_exists():
+    import labelless.__main__  # noqa: F401
