@@ -1,0 +1,38 @@
+"""``labelless export``: a .lless file as an ONNX model that keeps its codebooks and packed indices."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+
+from ..export import DEFAULT_OPSET, EXPORTERS, MAX_OPSET, export_onnx
+from ..report import human_bytes
+from .common import print_json
+
+log = logging.getLogger(__name__)
+
+
+def add_parser(subparsers) -> None:
+    parser = subparsers.add_parser("export", help="write an ONNX model that stays compressed (or a dense one)")
+    parser.add_argument("file", help="a .lless file")
+    parser.add_argument("-o", "--output", required=True, help="the .onnx file to write")
+    parser.add_argument("--dense", action="store_true",
+                        help="plain fp32 weights, for tools that cannot run the compressed graph")
+    parser.add_argument("--opset", type=int, default=DEFAULT_OPSET,
+                        help=f"ONNX opset, {DEFAULT_OPSET}-{MAX_OPSET} (default {DEFAULT_OPSET}; --dense allows 13+)")
+    parser.add_argument("--exporter", choices=EXPORTERS, default="auto",
+                        help="torch's exporter: auto (TorchScript where torch has it), dynamo (needs onnxscript)")
+    parser.add_argument("--json", action="store_true", help="print the report as JSON")
+    parser.set_defaults(run=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    report = export_onnx(args.file, args.output, dense=args.dense, opset=args.opset, exporter=args.exporter)
+    if args.json:
+        print_json(report)
+    else:
+        kind = "dense" if report["dense"] else "compressed"
+        print(f"{report['path']}: {kind} ONNX (opset {report['opset']}), {human_bytes(report['onnx_bytes'])} "
+              f"({report['onnx_bytes']} bytes) = {report['ratio']:.3f} x the .lless file "
+              f"({report['lless_bytes']} bytes)")
+    return 0
