@@ -10,6 +10,8 @@ import torch
 import labelless
 
 os.environ.setdefault("LABELLESS_PROGRESS", "0")
+# The test models are tiny: one thread is faster than two fighting over a busy machine.
+torch.set_num_threads(int(os.environ.get("LABELLESS_TEST_THREADS", "1")))
 
 
 @pytest.fixture(autouse=True)

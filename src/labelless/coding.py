@@ -39,6 +39,8 @@ def pack(indices: np.ndarray, bits: int) -> np.ndarray:
 
 def unpack(data: np.ndarray, bits: int, n_values: int, n_clusters: int, dtype: type) -> np.ndarray:
     """Inverse of :func:`pack`; rejects data whose size or values do not fit."""
+    if not (isinstance(bits, int) and 0 <= bits <= 32 and data.dtype == np.uint8 and data.ndim == 1):
+        raise FileFormatError(f"index data of {bits!r} bits, {data.dtype} {data.shape}, cannot be unpacked: the file is corrupt")
     if data.size != packed_size(n_values, bits):
         raise FileFormatError(
             f"index data has {data.size} bytes, expected {packed_size(n_values, bits)} for "
@@ -109,11 +111,12 @@ def ans_encode(indices: np.ndarray, counts: np.ndarray) -> np.ndarray:
 
 
 def ans_decode(data: np.ndarray, counts: np.ndarray, n_values: int, dtype: type) -> np.ndarray:
-    """Inverse of :func:`ans_encode`; rejects data that is not a whole ANS stream."""
+    """Inverse of :func:`ans_encode`; rejects data that is not a whole ANS stream of ``counts``."""
     import constriction
 
-    if data.size % 4:
-        raise FileFormatError(f"ANS data has {data.size} bytes, not a whole number of 32-bit words")
+    _check_counts(counts, n_values)
+    if data.dtype != np.uint8 or data.ndim != 1 or data.size % 4:
+        raise FileFormatError(f"ANS data has {data.size} bytes, not a whole number of 32-bit words: the file is corrupt")
     try:
         coder = constriction.stream.stack.AnsCoder(np.ascontiguousarray(data).view(np.uint32))
         decoded = coder.decode(_model(counts), n_values)
@@ -121,4 +124,14 @@ def ans_decode(data: np.ndarray, counts: np.ndarray, n_values: int, dtype: type)
         raise FileFormatError(f"ANS data does not decode ({type(exc).__name__}): the file is corrupt") from None
     if not coder.is_empty():
         raise FileFormatError("ANS data is longer than its indices: the file is corrupt")
+    if not np.array_equal(np.bincount(decoded, minlength=counts.size), counts):
+        raise FileFormatError("ANS data decodes to other centroid counts than the file stores: the file is corrupt")
     return decoded.astype(dtype, copy=False)
+
+
+def _check_counts(counts: np.ndarray, n_values: int) -> None:
+    """Every centroid used at least once, the counts summing to ``n_values`` (no int64 overflow)."""
+    ok = counts.dtype == np.int64 and counts.ndim == 1 and counts.size > 0
+    ok = ok and counts.min() > 0 and counts.max() <= n_values  # then a uint64 sum of k <= 2**24 is exact
+    if not (ok and int(counts.sum(dtype=np.uint64)) == n_values):
+        raise FileFormatError(f"centroid counts do not add up to the {n_values} indices: the file is corrupt")

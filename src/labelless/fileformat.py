@@ -58,6 +58,9 @@ MAX_HEADER_BYTES = 64 << 20
 MAX_TENSORS = 100_000
 MAX_NDIM = 8
 DEFAULT_MAX_PARAMS = 1 << 30
+MAX_VALUES = 1 << 40  # values in one tensor, whatever the model: beyond any real file
+MAX_CLUSTERS = 1 << 24
+MAX_COUNT = 1 << 62  # any whole number in the header (shape, size, index)
 _DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16,
            "float64": torch.float64, "int64": torch.int64, "int32": torch.int32,
            "int16": torch.int16, "int8": torch.int8, "uint8": torch.uint8, "bool": torch.bool}
@@ -228,7 +231,7 @@ _SAFETENSORS_DTYPES = {torch.float32: "F32", torch.float16: "F16", torch.bfloat1
                        torch.int16: "I16", torch.int8: "I8", torch.uint8: "U8", torch.bool: "BOOL"}
 
 
-def safetensors_size(shapes: dict[str, tuple[str, list[int], int]]) -> int:
+def safetensors_size(shapes: dict[str, tuple[str, list[int], int]], metadata: dict[str, str] | None = None) -> int:
     """Bytes of a safetensors file holding tensors ``name -> (dtype, shape, nbytes)``.
 
     Mirrors the writer: tensors sorted by dtype size (largest first) then name, a compact
@@ -241,7 +244,9 @@ def safetensors_size(shapes: dict[str, tuple[str, list[int], int]]) -> int:
         entries.append(f'{json.dumps(name)}:{{"dtype":"{dtype}","shape":{json.dumps(shape, separators=(",", ":"))},'
                        f'"data_offsets":[{offset},{offset + nbytes}]}}')
         offset += nbytes
-    header = len("{" + ",".join(entries) + "}")
+    if metadata:
+        entries.insert(0, '"__metadata__":' + json.dumps(metadata, separators=(",", ":"), ensure_ascii=False))
+    header = len(("{" + ",".join(entries) + "}").encode())
     return 8 + header + (-header % 8) + offset
 
 
@@ -280,23 +285,40 @@ def _safetensors_header(data: bytes, path: Path) -> tuple[int, dict]:
     (header_len,) = struct.unpack("<Q", data[:8])
     if header_len > min(len(data) - 8, MAX_HEADER_BYTES):
         raise FileFormatError(f"{path}: declares a {header_len}-byte header in a {len(data)}-byte file: truncated or not a .lless file")
-    try:
-        raw = json.loads(data[8 : 8 + header_len])
-    except (UnicodeDecodeError, json.JSONDecodeError):
-        raise FileFormatError(f"{path}: the header is not valid JSON: corrupted, or not a .lless file") from None
+    raw = _parse_json(data[8 : 8 + header_len])
+    if raw is _INVALID:
+        raise FileFormatError(f"{path}: the header is not valid JSON: corrupted, or not a .lless file")
     if not isinstance(raw, dict):
         raise FileFormatError(f"{path}: the header is not a JSON object: not a .lless file")
     return header_len, raw
+
+
+_INVALID = object()
+
+
+def _parse_json(text: str | bytes) -> Any:
+    """The JSON value of ``text``, or ``_INVALID`` where Python's parser refuses it.
+
+    Refused: bad UTF-8 or JSON, NaN/Infinity, integers over 4300 digits, nesting deeper
+    than the recursion limit (json raises RecursionError there, quickly and cleanly).
+    """
+    try:
+        return json.loads(text, parse_constant=_no_constant)
+    except (ValueError, RecursionError):  # JSONDecodeError and UnicodeDecodeError are ValueErrors
+        return _INVALID
+
+
+def _no_constant(name: str) -> Any:
+    raise ValueError(f"{name} is not JSON")
 
 
 def _labelless_header(raw: dict, path: Path) -> dict:
     metadata = raw.get("__metadata__")
     if not isinstance(metadata, dict) or not isinstance(metadata.get(FORMAT), str):
         raise FileFormatError(f"{path}: a safetensors file without a labelless header: not a .lless file")
-    try:
-        header = json.loads(metadata[FORMAT])
-    except json.JSONDecodeError:
-        raise FileFormatError(f"{path}: the labelless header is not valid JSON: the file is corrupted") from None
+    header = _parse_json(metadata[FORMAT])
+    if header is _INVALID:
+        raise FileFormatError(f"{path}: the labelless header is not valid JSON: the file is corrupted")
     try:
         _check_header(header)
     except FileFormatError as exc:
@@ -306,46 +328,89 @@ def _labelless_header(raw: dict, path: Path) -> dict:
 
 def _check_header(header: Any) -> None:
     _expect(isinstance(header, dict) and header.get("format") == FORMAT, "not a labelless header")
-    version = header.get("version")
-    _expect(isinstance(version, int) and not isinstance(version, bool), "the header has no format version")
-    if version != FORMAT_VERSION:
-        raise FileFormatError(
-            f"format version {version} is not supported (this labelless reads version "
-            f"{FORMAT_VERSION}): use the labelless release that wrote it"
-        )
+    _check_version(header.get("version"))
     for name, kind in (("tensors", dict), ("aliases", dict), ("layers", list), ("checksum", dict)):
         _expect(isinstance(header.get(name), kind), f"header field {name!r} is missing or not a {kind.__name__}")
-    _expect(header["architecture"] is None or isinstance(header["architecture"], dict), "bad architecture")
-    _expect(header.get("plan") is None or isinstance(header["plan"], list), "bad plan")
+    _expect("architecture" in header, "header field 'architecture' is missing")
+    _check_architecture(header["architecture"])
+    _expect("plan" in header and (header["plan"] is None or isinstance(header["plan"], list)), "bad plan")
     _expect(_is_count(header.get("fp32_bytes")), "bad fp32_bytes")
-    _expect(isinstance(header["checksum"].get("tensors"), str), "the header has no checksum")
-    _expect(len(header["tensors"]) <= MAX_TENSORS, "too many tensors")
+    _expect(header["checksum"].get("algorithm") == "sha256", "the checksum is not sha256")
+    _expect(_is_hex_digest(header["checksum"].get("tensors")), "the header has no sha256 checksum")
+    _expect(len(header["tensors"]) + len(header["aliases"]) <= MAX_TENSORS, "too many tensors")
     for key, entry in header["tensors"].items():
         _check_entry(key, entry)
     for key, target in header["aliases"].items():
         _expect(isinstance(target, str) and target in header["tensors"] and key not in header["tensors"],
-                f"alias {key!r} points at no stored tensor")
-    for layer in header["layers"]:
+                f"alias {_quote(key)} points at no stored tensor")
+    _check_layers(header["layers"])
+
+
+def _check_version(version: Any) -> None:
+    _expect(isinstance(version, int) and not isinstance(version, bool), "the header has no format version")
+    if version != FORMAT_VERSION:
+        raise FileFormatError(
+            f"format version {_quote(version)} is not supported (this labelless reads version "
+            f"{FORMAT_VERSION}): use the labelless release that wrote it"
+        )
+
+
+def _check_architecture(arch: Any) -> None:
+    if arch is None:
+        return
+    _expect(isinstance(arch, dict), "the architecture is not a mapping")
+    # ModelSpec takes any truthy small_input and float("nan") means; a file must be exact
+    _expect(isinstance(arch.get("small_input", False), bool), "the architecture's small_input is not true/false")
+    for name in ("mean", "std"):
+        values = arch.get(name, [])
+        _expect(isinstance(values, list) and all(_is_finite_number(v) for v in values),
+                f"the architecture's {name} is not a list of finite numbers")
+    try:
+        ModelSpec.from_dict(arch)
+    except (ValueError, TypeError, OverflowError) as exc:  # ModelError, or float() refusing a mean/std
+        raise FileFormatError(
+            f"the architecture in the file is unusable ({_short(exc)}): the file is corrupted, "
+            "or needs the labelless and torchvision that wrote it"
+        ) from None
+
+
+def _check_layers(layers: list) -> None:
+    names: set[str] = set()
+    for layer in layers:
         _expect(isinstance(layer, dict) and _is_count(layer.get("index")) and isinstance(layer.get("name"), str)
                 and isinstance(layer.get("type"), str), "bad layer list")
+        _expect(layer["name"] not in names, f"layer {_quote(layer['name'])} is listed twice")
+        names.add(layer["name"])
 
 
-def _check_entry(key: Any, entry: Any) -> None:
-    _expect(isinstance(key, str) and "::" not in key and isinstance(entry, dict), f"bad tensor entry {key!r}")
+def _check_entry(key: str, entry: Any) -> None:
+    _expect(key != "" and "::" not in key and isinstance(entry, dict), f"bad tensor entry {_quote(key)}")
     shape = entry.get("shape")
     _expect(isinstance(shape, list) and len(shape) <= MAX_NDIM and all(_is_count(d) for d in shape),
-            f"tensor {key!r} has a bad shape")
-    _expect(math.prod(shape) < 1 << 40, f"tensor {key!r} is impossibly large")
+            f"tensor {_quote(key)} has a bad shape")
+    _expect(math.prod(shape) <= MAX_VALUES, f"tensor {_quote(key)} is impossibly large")
     if entry.get("kind") == "quantized":
-        k = entry.get("n_clusters")
-        _expect(_is_count(k) and 1 <= k <= 1 << 24, f"tensor {key!r} has a bad number of centroids")
-        _expect(entry.get("bits") == coding.index_bits(k), f"tensor {key!r}: bits do not match its centroids")
-        _expect(entry.get("coding") in _CODINGS, f"tensor {key!r} has an unknown index coding")
-        _expect(entry.get("codebook_dtype") in ("float32", "float16"), f"tensor {key!r}: bad codebook dtype")
-        _expect(k <= max(1, math.prod(shape)), f"tensor {key!r} has more centroids than values")
+        _check_quantized_entry(key, entry, math.prod(shape))
     else:
-        _expect(entry.get("kind") == "dense", f"tensor {key!r} has an unknown kind")
-        _expect(entry.get("dtype") in _DTYPES and entry.get("stored_dtype") in _DTYPES, f"tensor {key!r}: bad dtype")
+        _expect(entry.get("kind") == "dense", f"tensor {_quote(key)} has an unknown kind")
+        _check_dense_entry(key, entry)
+
+
+def _check_quantized_entry(key: str, entry: dict, n_values: int) -> None:
+    k, bits = entry.get("n_clusters"), entry.get("bits")
+    _expect(_is_count(k) and 1 <= k <= MAX_CLUSTERS, f"tensor {_quote(key)} has a bad number of centroids")
+    _expect(_is_count(bits) and bits == coding.index_bits(k), f"tensor {_quote(key)}: bits do not match its centroids")
+    _expect(_is_one_of(entry.get("coding"), _CODINGS), f"tensor {_quote(key)} has an unknown index coding")
+    _expect(_is_one_of(entry.get("codebook_dtype"), ("float32", "float16")), f"tensor {_quote(key)}: bad codebook dtype")
+    _expect(k <= max(1, n_values), f"tensor {_quote(key)} has more centroids than values")
+
+
+def _check_dense_entry(key: str, entry: dict) -> None:
+    dtype, stored = entry.get("dtype"), entry.get("stored_dtype")
+    _expect(_is_one_of(dtype, _DTYPES) and _is_one_of(stored, _DTYPES), f"tensor {_quote(key)}: bad dtype")
+    # the writer stores every tensor as itself, or float32 as float16: anything else is a lie
+    _expect(stored == dtype or (dtype, stored) == ("float32", "float16"),
+            f"tensor {_quote(key)} is declared {dtype} but stored as {stored}")
 
 
 def _expect(condition: bool, message: str) -> None:
@@ -354,7 +419,27 @@ def _expect(condition: bool, message: str) -> None:
 
 
 def _is_count(value: Any) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
+    return isinstance(value, int) and not isinstance(value, bool) and 0 <= value < MAX_COUNT
+
+
+def _is_finite_number(value: Any) -> bool:
+    if isinstance(value, int) and not isinstance(value, bool):
+        return abs(value) < 1 << 53  # math.isfinite(10**400) raises OverflowError
+    return isinstance(value, float) and math.isfinite(value)
+
+
+def _is_one_of(value: Any, names) -> bool:
+    return isinstance(value, str) and value in names
+
+
+def _is_hex_digest(value: Any) -> bool:
+    return isinstance(value, str) and len(value) == 64 and all(c in "0123456789abcdef" for c in value)
+
+
+def _quote(value: Any) -> str:
+    """``repr(value)``, cut to fit in a one-line message (a file can hold huge names)."""
+    text = repr(value)
+    return text if len(text) <= 80 else text[:77] + "..."
 
 
 def _expected_tensors(header: dict) -> dict[str, tuple[tuple[torch.dtype, ...], tuple[int, ...] | None]]:
@@ -380,12 +465,14 @@ def _validate_tensors(header: dict, tensors: dict[str, torch.Tensor], path: Path
     extra = sorted(set(tensors) - set(expected))
     missing = sorted(set(expected) - set(tensors))
     if extra or missing:
-        raise FileFormatError(f"{path}: header and data disagree (missing {missing[:3]}, unexpected {extra[:3]}): the file is corrupted")
+        raise FileFormatError(f"{path}: header and data disagree (missing {_quote(missing[:3])}, "
+                              f"unexpected {_quote(extra[:3])}): the file is corrupted")
     for name, (dtypes, shape) in expected.items():
         tensor = tensors[name]
         ok = tensor.dtype in dtypes and (tuple(tensor.shape) == shape if shape is not None else tensor.dim() == 1)
         if not ok:
-            raise FileFormatError(f"{path}: tensor {name!r} is {tensor.dtype} {tuple(tensor.shape)}, not what the header declares: the file is corrupted")
+            raise FileFormatError(f"{path}: tensor {_quote(name)} is {tensor.dtype} {tuple(tensor.shape)}, "
+                                  "not what the header declares: the file is corrupted")
 
 
 def _stored_bytes(header: dict, tensors: dict[str, torch.Tensor]) -> dict[str, int]:
@@ -427,7 +514,7 @@ def _target_model(lless: LlessFile, model: nn.Module | None, max_params: int) ->
         raise FileFormatError(f"{lless.path}: the architecture in the file is unusable: {exc}") from None
     if spec is None:
         raise LabellessError(f"{lless.path} holds a custom model: pass a freshly built one, load(path, model=...)")
-    skeleton = build_model(spec, device="meta")
+    skeleton = _meta_model(spec, lless.path)
     n_params = sum(v.numel() for v in skeleton.state_dict().values())
     if n_params > max_params:
         raise FileFormatError(f"{lless.path}: declares a model of {n_params} values, above the limit of {max_params}")
@@ -438,22 +525,63 @@ def _target_model(lless: LlessFile, model: nn.Module | None, max_params: int) ->
     return skeleton.to_empty(device="cpu")
 
 
+def _meta_model(spec: ModelSpec, path: Path) -> nn.Module:
+    """The architecture without memory: its shapes are checked before anything is allocated."""
+    try:
+        return build_model(spec, device="meta")
+    except Exception as exc:  # torchvision code that cannot run on the meta device (regnet_*)
+        raise FileFormatError(
+            f"{path}: labelless cannot rebuild {spec.name} without allocating it ({_short(exc)}): "
+            "please report this as a labelless bug; load(path, model=...) with a freshly built model works"
+        ) from None
+
+
 def _check_shapes(model: nn.Module, lless: LlessFile) -> None:
     entries, aliases = lless.header["tensors"], lless.header["aliases"]
-    expected = {k: list(v.shape) for k, v in model.state_dict().items()}
+    state = model.state_dict()
+    expected = {k: list(v.shape) for k, v in state.items()}
     declared = {k: e["shape"] for k, e in entries.items()}
     declared.update({k: entries[t]["shape"] for k, t in aliases.items()})
     if expected != declared:
         diff = sorted(set(expected) ^ set(declared)) or [k for k in expected if expected[k] != declared[k]]
         raise FileFormatError(
-            f"{lless.path}: its tensors do not fit the model it names ({', '.join(diff[:3])}): "
+            f"{lless.path}: its tensors do not fit the model it names ({_quote(diff[:3])[1:-1]}): "
             "the file is corrupted or was written for another architecture"
         )
+    _check_kinds(model, state, lless)
+    _check_sharing(model, lless)
+
+
+def _check_sharing(model: nn.Module, lless: LlessFile) -> None:
+    """One tensor of the model (a shared module) must be one tensor in the file, not several."""
+    aliases = lless.header["aliases"]
+    first_name: dict[int, tuple[str, str]] = {}
+    for key, value in model.state_dict(keep_vars=True).items():
+        source = aliases.get(key, key)
+        first, first_source = first_name.setdefault(id(value), (key, source))
+        if first_source != source and value.numel():  # the writer stores empty tensors apart
+            raise FileFormatError(f"{lless.path}: {_quote(key)} and {_quote(first)} are one tensor in the model "
+                                  "but two in the file: the file is corrupted or was written for another model")
+
+
+def _check_kinds(model: nn.Module, state: dict[str, torch.Tensor], lless: LlessFile) -> None:
+    """Quantized tensors must be parameters (a buffer would keep uninitialised memory), and
+    dense tensors of the model's dtype (a copy into another dtype would change the values)."""
+    entries, aliases = lless.header["tensors"], lless.header["aliases"]
+    params = {name for name, _ in model.named_parameters(remove_duplicate=False)}
+    for key, value in state.items():
+        entry = entries[aliases.get(key, key)]
+        if entry["kind"] == "quantized" and key not in params:
+            raise FileFormatError(f"{lless.path}: {_quote(key)} is quantized in the file but is not a "
+                                  "parameter of the model: the file is corrupted")
+        if entry["kind"] == "dense" and _DTYPES[entry["dtype"]] != value.dtype:
+            raise FileFormatError(f"{lless.path}: {_quote(key)} is {entry['dtype']} in the file but {value.dtype} "
+                                  "in the model: the file is corrupted or was written for another model")
 
 
 def _fill(model: nn.Module, lless: LlessFile) -> None:
     entries, aliases = lless.header["tensors"], lless.header["aliases"]
-    modules = dict(model.named_modules())
+    modules = dict(model.named_modules(remove_duplicate=False))  # a shared module under each name
     built: dict[str, tuple[nn.Parameter, torch.Tensor]] = {}
     for key in list(entries) + list(aliases):
         source = aliases.get(key, key)
@@ -472,22 +600,25 @@ def _fill(model: nn.Module, lless: LlessFile) -> None:
 
 
 def _decode_quantized(key: str, entry: dict, lless: LlessFile) -> tuple[nn.Parameter, torch.Tensor]:
-    k, shape = entry["n_clusters"], entry["shape"]
-    n_values = math.prod(shape)
-    dtype = np.uint8 if k <= 256 else (np.int16 if k <= 32768 else np.int32)
-    centroids = lless.tensors[f"{key}::codebook"].float()
+    centroids = lless.tensors[f"{key}::codebook"].float()  # (k,)
     if not torch.isfinite(centroids).all():
-        raise FileFormatError(f"{lless.path}: tensor {key!r} has non-finite centroids: the file is corrupted")
-    if entry["bits"] == 0:
-        indices = np.zeros(n_values, dtype)
-    elif entry["coding"] == "ans":
-        counts = lless.tensors[f"{key}::counts"].numpy()
-        if (counts <= 0).any() or counts.sum() != n_values:
-            raise FileFormatError(f"{lless.path}: tensor {key!r} has bad centroid counts: the file is corrupted")
-        indices = coding.ans_decode(lless.tensors[f"{key}::indices"].numpy(), counts, n_values, dtype)
-    else:
-        indices = coding.unpack(lless.tensors[f"{key}::indices"].numpy(), entry["bits"], n_values, k, dtype)
-    return nn.Parameter(centroids, requires_grad=False), torch.from_numpy(indices).view(shape)
+        raise FileFormatError(f"{lless.path}: tensor {_quote(key)} has non-finite centroids: the file is corrupted")
+    try:
+        indices = _decode_indices(key, entry, lless.tensors)  # (n_values,)
+    except FileFormatError as exc:
+        raise FileFormatError(f"{lless.path}: tensor {_quote(key)}: {exc}") from None
+    return nn.Parameter(centroids, requires_grad=False), torch.from_numpy(indices).view(entry["shape"])
+
+
+def _decode_indices(key: str, entry: dict, tensors: dict[str, torch.Tensor]) -> np.ndarray:
+    k, bits, n_values = entry["n_clusters"], entry["bits"], math.prod(entry["shape"])
+    dtype = np.uint8 if k <= 256 else (np.int16 if k <= 32768 else np.int32)
+    if bits == 0:
+        return np.zeros(n_values, dtype)
+    data = tensors[f"{key}::indices"].numpy()
+    if entry["coding"] == "ans":
+        return coding.ans_decode(data, tensors[f"{key}::counts"].numpy(), n_values, dtype)
+    return coding.unpack(data, bits, n_values, k, dtype)
 
 
 def _short(exc: BaseException) -> str:

@@ -18,7 +18,9 @@ Measured on real layer weights the SSE stays within 0.1% of the exact optimum
 
 from __future__ import annotations
 
+import contextlib
 import logging
+from collections.abc import Iterator
 
 import numba
 import numpy as np
@@ -37,6 +39,7 @@ DP_POINTS_PER_CLUSTER = 32  # the exact programme runs on at most this many poin
 MIN_DP_POINTS = 2048
 SPLIT_TABLE_LIMIT = 1 << 27  # entries of the programme's (clusters x points) table
 POLISH_STEPS = 500
+PARALLEL_MIN_VALUES = 1 << 20  # smaller tensors run on one thread: a parallel launch costs more
 
 
 def kmeans1d(
@@ -80,9 +83,22 @@ def cluster(
         raise LabellessError("cannot cluster an empty tensor: give it at least one value")
     if weights is not None and not float(weights.sum()) > 0:
         raise LabellessError("sample_weight sums to zero: give some value a positive weight")
-    points = _collapse(values, weights, n_clusters)
-    centroids, cluster_of_point = _solve(points, n_clusters)
-    return centroids.astype(np.float32), points.assign(cluster_of_point, index_dtype)
+    with _numba_threads(values.size):
+        points = _collapse(values, weights, n_clusters)
+        centroids, cluster_of_point = _solve(points, n_clusters)
+        return centroids.astype(np.float32), points.assign(cluster_of_point, index_dtype)
+
+
+@contextlib.contextmanager
+def _numba_threads(n_values: int) -> Iterator[None]:
+    """One numba thread for a small tensor: on a busy machine a parallel launch waits for a
+    second core for milliseconds, far longer than the work (tens of ms per call were seen)."""
+    before = numba.get_num_threads()
+    numba.set_num_threads(before if n_values >= PARALLEL_MIN_VALUES else 1)
+    try:
+        yield
+    finally:
+        numba.set_num_threads(before)
 
 
 # -- step 1: collapse the values into sorted points -------------------------------------
@@ -95,22 +111,27 @@ class _Compander:
     """
 
     def __init__(self, key_counts: np.ndarray, key_lo: int):
-        self.key_lo = key_lo
-        keys = np.arange(key_lo, key_lo + key_counts.size + 1, dtype=np.uint64)
-        ordered = (keys << np.uint64(kernels.KEY_SHIFT)).astype(np.uint32)
-        bits = np.where(ordered & np.uint32(0x80000000), ordered ^ np.uint32(0x80000000), ~ordered)
-        edges = bits.astype(np.uint32).view(np.float32).astype(np.float64)
-        edges[-1] = min(edges[-1], float(np.finfo(np.float32).max))
-        self.counts = key_counts
-        self.mass = key_counts ** (1 / 3) * np.diff(edges) ** (2 / 3)
+        self.key_lo, self.n_keys = key_lo, key_counts.size
+        self.occupied = np.flatnonzero(key_counts)  # the span's empty keys weigh nothing
+        keys = (key_lo + self.occupied).astype(np.uint64)
+        width = np.minimum(_key_start(keys + np.uint64(1)), float(np.finfo(np.float32).max))
+        width -= _key_start(keys)
+        self.mass = key_counts[self.occupied] ** (1 / 3) * width ** (2 / 3)
 
     def layout(self, n_fine: int) -> np.ndarray:
         """(keys, 2) int64: first fine bucket and number of fine buckets of each key."""
         share = np.floor(n_fine * self.mass / self.mass.sum())
-        n_sub = np.where(self.counts > 0, np.clip(share, 1, 1 << kernels.KEY_SHIFT), 0)
-        n_sub = n_sub.astype(np.int64)
-        offset = np.concatenate([[0], np.cumsum(n_sub)[:-1]])
+        n_sub = np.zeros(self.n_keys, np.int64)
+        n_sub[self.occupied] = np.clip(share, 1, 1 << kernels.KEY_SHIFT)
+        offset = np.cumsum(n_sub) - n_sub
         return np.ascontiguousarray(np.stack([offset, n_sub], axis=1))
+
+
+def _key_start(keys: np.ndarray) -> np.ndarray:
+    """The smallest value of each key, float64 (the top key's end is +inf)."""
+    ordered = (keys << np.uint64(kernels.KEY_SHIFT)).astype(np.uint32)
+    bits = np.where(ordered & np.uint32(0x80000000), ordered ^ np.uint32(0x80000000), ~ordered)
+    return bits.astype(np.uint32).view(np.float32).astype(np.float64)
 
 
 class _Points:

@@ -6,7 +6,8 @@ field. Layers no rule mentions stay at full precision::
     - layers: "*"        # every quantizable layer
       bias: 1
     - layers: "14-15"    # 1-based positions in forward order; also "1,3,5-7",
-      weights: 32        # a dotted module name, "re:<regex>" or "type:<class name>"
+      weights: 32        # a dotted module name, "re:<regex>" or "type:<class name>",
+                         # or several of these joined by commas ("conv1,14-15")
 
 ``weights``/``bias`` take a whole number of centroids >= 1, or ``null`` for full precision.
 """
@@ -98,6 +99,15 @@ class Plan:
         return cls(tuple(_rule(item, position) for position, item in enumerate(data, 1)))
 
     @classmethod
+    def from_choice(cls, choice: dict[str, int]) -> "Plan":
+        """One rule per layer from ``{"<module name>.weight|bias": k}``, naming layers by name."""
+        rules: dict[str, dict[str, Any]] = {}
+        for key, k in choice.items():
+            layer, _, tensor = key.rpartition(".")
+            rules.setdefault(layer, {"layers": layer})["weights" if tensor == "weight" else "bias"] = k
+        return cls.from_data(list(rules.values()))
+
+    @classmethod
     def uniform(cls, weights: int | None, bias: int | None = None) -> "Plan":
         return cls((Rule("*", weights=weights, bias=bias),))
 
@@ -186,6 +196,10 @@ def select(
 ) -> list[LayerInfo]:
     """Layers a selector names; a selector that names none is an error listing what is valid."""
     selector = selector.strip()
+    if "," in selector and not selector.startswith("re:") and not _INDEX_LIST.match(selector):
+        parts = [select(part, layers, other_modules) for part in selector.split(",") if part.strip()]
+        chosen_names = {layer.name for part in parts for layer in part}
+        return [layer for layer in layers if layer.name in chosen_names]
     if selector in ("*", "all"):
         chosen = list(layers)
     elif _INDEX_LIST.match(selector):

@@ -65,3 +65,125 @@ def inspect_table(report: dict[str, Any]) -> str:
     if report["packed_total_bytes"] != total:
         summary += f"; with plain bit-packed indices about {report['packed_total_bytes']} bytes"
     return f"{table}\n{summary}"
+
+
+# -- sweep plots ---------------------------------------------------------------------------
+
+
+def _pyplot():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def plot_sweep(result: Any, folder: Any) -> None:
+    """``heatmap.png`` (layers x k, drop in agreement) and ``pareto.png`` (size vs drop)."""
+    from .io import atomic_path
+
+    plt = _pyplot()
+    for name, draw in (("heatmap.png", _heatmap), ("pareto.png", _pareto)):
+        figure = draw(plt, result)
+        with atomic_path(folder / name) as tmp:
+            figure.savefig(tmp, format="png", dpi=110, bbox_inches="tight")
+        plt.close(figure)
+
+
+def _heatmap(plt, result):
+    tensors = [t for t in ("weight", "bias") if any(r.tensor == t for r in result.rows)]
+    ks = sorted({r.k for r in result.rows})
+    layers = sorted({(r.index, r.layer) for r in result.rows})
+    figure, axes = plt.subplots(1, len(tensors), figsize=(4 + 2.2 * len(ks) * len(tensors) / 3, 1.5 + 0.22 * len(layers)),
+                                squeeze=False)
+    for ax, tensor in zip(axes[0], tensors):
+        grid = [[float("nan")] * len(ks) for _ in layers]
+        for r in result.rows:
+            if r.tensor == tensor:
+                grid[layers.index((r.index, r.layer))][ks.index(r.k)] = 100.0 - r.agreement
+        image = ax.imshow(grid, aspect="auto", cmap="magma_r", vmin=0)
+        ax.set_xticks(range(len(ks)), [str(k) for k in ks])
+        ax.set_yticks(range(len(layers)), [f"{i} {n}" for i, n in layers], fontsize=7)
+        ax.set_xlabel("centroids k")
+        ax.set_title(f"{tensor}s: drop in top-1 agreement (points)", fontsize=9)
+        figure.colorbar(image, ax=ax, fraction=0.04)
+    return figure
+
+
+def _pareto(plt, result):
+    metrics = [("agreement", 100.0)]
+    if result.reference.get("accuracy") is not None:
+        metrics.append(("accuracy", result.reference["accuracy"]))
+    figure, axes = plt.subplots(1, len(metrics), figsize=(6 * len(metrics), 4.2), squeeze=False)
+    base = result.reference["fp32_bytes"]
+    for ax, (metric, reference) in zip(axes[0], metrics):
+        points = sorted((r.bytes / base, reference - getattr(r, metric)) for r in result.rows)
+        front, best = [], float("inf")
+        for size, drop in points:
+            if drop < best:
+                front.append((size, drop))
+                best = drop
+        ax.scatter([p[0] for p in points], [p[1] for p in points], s=10, alpha=0.5, label="one tensor quantized")
+        ax.step([p[0] for p in front], [p[1] for p in front], where="post", color="crimson", label="Pareto front")
+        ax.set_xlabel("file size / fp32 size")
+        ax.set_ylabel(f"drop in {metric} (points)")
+        ax.set_yscale("symlog", linthresh=0.1)
+        ax.legend(fontsize=8)
+        ax.grid(alpha=0.3)
+    return figure
+
+
+# -- the run report ------------------------------------------------------------------------
+
+
+def run_markdown(report: dict[str, Any]) -> str:
+    """``report.md``: what ``labelless run`` did, as a human summary."""
+    rows = []
+    names = [("original", "original (fp32)"), ("quantized", "quantized, before retraining"),
+             ("retrained_labelfree", f"retrained label-free on {report['unlabeled_data']}"),
+             ("retrained_labeled", "retrained with labels (baseline)")]
+    original = report["original"]
+    for key, label in names:
+        if key in report:
+            r = report[key]
+            rows.append((label, r["bytes"], f"{100 * (1 - r['bytes'] / original['bytes']):.2f}%",
+                         f"{r['accuracy']:.2f}", f"{r.get('agreement', 100.0):.2f}", r.get("seconds")))
+    table = _markdown_table(rows, ["model", "bytes", "smaller by", "accuracy %", "agreement %", "retrain s"])
+    lines = [
+        "# labelless run",
+        "",
+        f"Model `{report['model']['name']}` ({report['model']['num_classes']} classes), evaluated on "
+        f"`{report['labeled_data']}` (test split); label-free retraining on `{report['unlabeled_data']}`; "
+        f"device `{report['device']}`.",
+        "",
+        table,
+        "",
+        f"Size reduction from the real file: **{100 * report['size_reduction']:.2f}%**.",
+    ]
+    if "search" in report:
+        s = report["search"]
+        lines += ["", f"Plan search: budget {s['max_drop']} points of {s['metric']}, measured drop "
+                  f"{s['measured_drop']:.2f} (predicted {s['predicted_drop']:.2f}); see `plan.yaml`, `search.json`, "
+                  "`sweep/heatmap.png`, `sweep/pareto.png`.", "", "![sensitivity](sweep/heatmap.png)",
+                  "", "![size against fidelity](sweep/pareto.png)"]
+    lines += ["", "Stage times (s): " + ", ".join(f"{k} {v}" for k, v in report.get("timings", {}).items())]
+    return "\n".join(lines) + "\n"
+
+
+def _markdown_table(rows: Sequence[Sequence[Any]], headers: Sequence[str]) -> str:
+    out = ["| " + " | ".join(headers) + " |", "|" + "---|" * len(headers)]
+    out += ["| " + " | ".join(_cell(v) for v in row) + " |" for row in rows]
+    return "\n".join(out)
+
+
+def summary_table(report: dict[str, Any]) -> str:
+    """The printed summary at the end of ``labelless run``."""
+    original = report["original"]
+    rows = []
+    for key in ("original", "quantized", "retrained_labelfree", "retrained_labeled"):
+        if key in report:
+            r = report[key]
+            rows.append((key, r["bytes"], f"{100 * (1 - r['bytes'] / original['bytes']):.2f}%",
+                         f"{r['accuracy']:.2f}", r.get("seconds")))
+    return format_table(rows, ["model", "bytes", "smaller by", "accuracy %", "retrain s"])

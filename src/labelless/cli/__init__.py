@@ -14,11 +14,11 @@ import sys
 from typing import Sequence
 
 from ..errors import LabellessError
-from . import decompress, inspect, layers, quantize
+from . import decompress, export, inspect, layers, quantize, retrain, run, search, sweep, train
 
 __all__ = ["main", "build_parser"]
 
-COMMANDS = [layers, quantize, inspect, decompress]
+COMMANDS = [run, layers, quantize, inspect, decompress, sweep, search, retrain, train, export]
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -1,0 +1,60 @@
+"""``labelless search``: the smallest plan whose measured drop fits a budget."""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+from ..data import Preprocess
+from ..errors import LabellessError
+from ..evaluate import resolve_device
+from ..io import atomic_write_json, check_output_dir
+from ..report import format_table
+from ..search import make_evaluator, search
+from ..sensitivity import SweepResult, prepare_reference
+from .common import model_from_args
+from .sweep import open_data
+
+
+def add_parser(subparsers) -> None:
+    parser = subparsers.add_parser("search", help="find the smallest plan within an accuracy budget")
+    parser.add_argument("sweep_dir", help="the folder a `labelless sweep` wrote")
+    parser.add_argument("--max-drop", type=float, required=True, help="budget in points of agreement (or accuracy)")
+    parser.add_argument("--metric", choices=["agreement", "accuracy"], default="agreement")
+    parser.add_argument("--device", default="auto")
+    parser.add_argument("-o", "--output", required=True, help="the plan file to write (.yaml or .json)")
+    parser.set_defaults(run=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    check_output_dir(args.output)
+    folder = Path(args.sweep_dir)
+    result = SweepResult.from_dir(folder)
+    sweep_args = _sweep_args(folder)
+    model = model_from_args(sweep_args)
+    spec = model.labelless_spec
+    unlabeled, labeled = open_data(sweep_args, spec)
+    if args.metric == "accuracy" and labeled is None:
+        raise LabellessError("--metric accuracy needs a sweep run with --labeled data; use --metric agreement")
+    device = resolve_device(args.device)
+    reference = prepare_reference(model.to(device), unlabeled, Preprocess.for_spec(spec), labeled, sweep_args.batch_size, device)
+    found = search(result, make_evaluator(reference, args.metric), max_drop=args.max_drop, metric=args.metric)
+    best = found.best
+    found.best.plan().save(args.output, header=f"labelless search: {best.bytes} bytes, measured {args.metric} drop "
+                           f"{best.measured_drop:.2f} points (budget {args.max_drop}), predicted {best.predicted_drop:.2f}")
+    atomic_write_json(Path(args.output).with_suffix(".search.json"), found.to_dict())
+    rows = [(c.bytes, f"{100 * (1 - c.bytes / result.reference['fp32_bytes']):.2f}%", c.predicted_drop, c.measured_drop,
+             "<- chosen" if c is best else "") for c in found.alternatives]
+    print(format_table(rows, ["bytes", "smaller by", "predicted drop", "measured drop", ""]))
+    print(f"plan -> {args.output}")
+    return 0
+
+
+def _sweep_args(folder: Path) -> argparse.Namespace:
+    path = folder / "config.json"
+    if not path.is_file():
+        raise LabellessError(f"{folder} has no config.json: it was not written by `labelless sweep`")
+    data = json.loads(path.read_text())
+    data["mean"], data["std"] = tuple(data.get("mean") or ()), tuple(data.get("std") or ())
+    return argparse.Namespace(**data)

@@ -1,0 +1,68 @@
+"""``labelless sweep``: per-layer sensitivity, measured without labels."""
+
+from __future__ import annotations
+
+import argparse
+import os
+from pathlib import Path
+
+from ..data import Preprocess, open_images
+from ..evaluate import resolve_device
+from ..sensitivity import DEFAULT_CLUSTERS, SweepConfig, sweep
+from .common import add_device_args, add_model_args, ints, model_from_args, write_config
+
+
+def add_parser(subparsers) -> None:
+    parser = subparsers.add_parser("sweep", help="quantize each layer alone at each k and measure the damage")
+    add_model_args(parser)
+    add_data_args(parser)
+    parser.add_argument("--clusters", type=ints, default=DEFAULT_CLUSTERS, help="k values (default 1,2,4,...,256)")
+    parser.add_argument("--no-bias", action="store_true", help="do not sweep biases")
+    add_device_args(parser)
+    parser.add_argument("-o", "--output", required=True, help="folder for sweep.csv, sweep.json and the plots")
+    parser.set_defaults(run=run)
+
+
+def add_data_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--unlabeled", required=True, help="unlabelled images: fashion-mnist, mnist, imagefolder:PATH, images:PATH, npz:PATH")
+    parser.add_argument("--labeled", default=None, help="optional labelled set (test split) to also report accuracy")
+    parser.add_argument("--limit", type=int, default=2000, help="unlabelled images to measure on (default 2000)")
+
+
+def open_data(args: argparse.Namespace, spec):
+    size, channels = spec.image_size, spec.in_channels
+    unlabeled = open_images(args.unlabeled, split="train", size=size, channels=channels, limit=args.limit, seed=args.seed)
+    labeled = None
+    if args.labeled:
+        labeled = open_images(args.labeled, split="test", labeled=True, size=size, channels=channels, limit=args.limit, seed=args.seed)
+    return unlabeled.unlabeled(), labeled
+
+
+def run(args: argparse.Namespace) -> int:
+    out = Path(args.output)
+    out.mkdir(parents=True, exist_ok=True)
+    model = model_from_args(args)
+    spec = model.labelless_spec
+    unlabeled, labeled = open_data(args, spec)
+    weights = os.stat(args.weights)
+    identity = {"args": {k: v for k, v in vars(args).items() if k not in ("run", "output", "device", "verbose", "quiet")},
+                "weights": [weights.st_size, weights.st_mtime_ns]}
+    write_config(out / "config.json", args, spec=spec.to_dict())
+    result = sweep(model, unlabeled, Preprocess.for_spec(spec), labeled=labeled,
+                   config=SweepConfig(clusters=args.clusters, include_bias=not args.no_bias, batch_size=args.batch_size),
+                   out_dir=out, identity=_plain(identity), device=resolve_device(args.device))
+    bias = result.summary.get("biases_at_1")
+    print(f"swept {len({r.layer for r in result.rows})} layers x {len(args.clusters)} values of k: "
+          f"{len(result.rows)} rows -> {out / 'sweep.csv'}")
+    if bias:
+        print(f"one centroid per bias: mean agreement {bias['mean_agreement']:.2f}%, "
+              f"worst {bias['worst_agreement']:.2f}% ({bias['worst_layer']})")
+    return 0
+
+
+def _plain(value):
+    if isinstance(value, dict):
+        return {k: _plain(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_plain(v) for v in value]
+    return value

@@ -1,0 +1,50 @@
+"""``labelless train``: train an original model with labels (for demos and experiments)."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+
+import safetensors.torch
+
+from ..data import Preprocess, open_images
+from ..evaluate import accuracy, predict_labeled, resolve_device
+from ..io import atomic_path, check_output_dir
+from ..train import TrainConfig, train_classifier
+from .common import add_device_args, add_model_args, model_spec, write_config
+
+log = logging.getLogger(__name__)
+
+
+def add_parser(subparsers) -> None:
+    parser = subparsers.add_parser("train", help="train an original model with labels (not part of compression)")
+    add_model_args(parser, weights=False)
+    parser.add_argument("--data", default="fashion-mnist", help="labelled data spec (default fashion-mnist)")
+    parser.add_argument("--limit", type=int, default=None, help="train on this many images only")
+    parser.add_argument("--epochs", type=int, default=TrainConfig.epochs)
+    parser.add_argument("--lr", type=float, default=TrainConfig.lr)
+    add_device_args(parser)
+    parser.add_argument("-o", "--output", required=True, help="the .safetensors file to write")
+    parser.set_defaults(run=run, batch_size=TrainConfig.batch_size)
+
+
+def run(args: argparse.Namespace) -> int:
+    from ..models import build_model
+
+    check_output_dir(args.output)
+    spec = model_spec(args)
+    device = resolve_device(args.device)
+    train = open_images(args.data, split="train", labeled=True, size=spec.image_size, channels=spec.in_channels,
+                        limit=args.limit, seed=args.seed)
+    test = open_images(args.data, split="test", labeled=True, size=spec.image_size, channels=spec.in_channels)
+    model = build_model(spec).to(device)
+    preprocess = Preprocess.for_spec(spec).to(device)
+    config = TrainConfig(epochs=args.epochs, lr=args.lr, batch_size=args.batch_size, seed=args.seed)
+    stats = train_classifier(model, train, preprocess, config=config, device=device)
+    logits, labels = predict_labeled(model, test, preprocess, device=device)
+    stats["test_accuracy"] = accuracy(logits, labels)
+    with atomic_path(args.output) as tmp:
+        safetensors.torch.save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(tmp))
+    write_config(f"{args.output}.json", args, spec=spec.to_dict(), result=stats)
+    print(f"trained {spec.name}: test accuracy {stats['test_accuracy']:.2f}% in {stats['seconds']:.0f} s -> {args.output}")
+    return 0

@@ -1,0 +1,310 @@
+"""``labelless run``: the whole method end to end, from one YAML config (or the defaults).
+
+Load or train the teacher -> sweep -> search -> quantize -> retrain label-free (and the
+labelled baseline) -> evaluate -> write ``model.lless``, ``report.md``, ``report.json``, the
+sweep files and plots, and the resolved config into the output folder. Every stage that
+already finished with the same settings is reused when the run is started again.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import json
+import logging
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import safetensors.torch
+import torch
+import yaml
+from torch import nn
+
+from .config import from_mapping, to_mapping
+from .errors import LabellessError
+from .evaluate import accuracy, agreement, predict, predict_labeled, resolve_device
+from .fileformat import load, save
+from .io import atomic_path, atomic_write_json, atomic_write_text
+from .models import ModelSpec, build_model, load_weights
+from .plan import load_plan
+from .quantize import quantize
+from .retrain import RetrainConfig, retrain, retrain_labeled
+from .search import make_evaluator, search
+from .sensitivity import DEFAULT_CLUSTERS, SweepConfig, prepare_reference, sweep
+from .train import TrainConfig, train_classifier
+
+__all__ = ["RunConfig", "run_pipeline"]
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class ModelSection:
+    name: str = "resnet18"  # torchvision classifier
+    num_classes: int = 10
+    in_channels: int = 1
+    small_input: bool = False
+    image_size: int = 28
+    weights: str | None = None  # the original model; None trains one (teacher section)
+    mean: tuple[float, ...] = ()  # normalisation it was trained with (empty: from its data)
+    std: tuple[float, ...] = ()
+
+
+@dataclass(frozen=True)
+class TeacherSection:
+    data: str = "fashion-mnist"  # labelled training data, train split
+    limit: int | None = None
+    train: TrainConfig = TrainConfig()
+
+
+@dataclass(frozen=True)
+class DataSection:
+    unlabeled: str = "mnist"  # the label-free retraining set (train split)
+    unlabeled_limit: int | None = None
+    test: str = "fashion-mnist"  # labelled evaluation set (test split)
+    test_limit: int | None = None
+    baseline: str = "fashion-mnist"  # labelled retraining set of the baseline (train split)
+    baseline_limit: int | None = 5000
+
+
+@dataclass(frozen=True)
+class SweepSection:
+    clusters: tuple[int, ...] = DEFAULT_CLUSTERS
+    limit: int = 1000  # unlabelled images the sweep and search measure on
+    batch_size: int = 256
+    include_bias: bool = True
+
+
+@dataclass(frozen=True)
+class SearchSection:
+    max_drop: float = 1.0  # points of top-1 agreement (or accuracy) the plan may cost
+    metric: str = "agreement"
+    plan: str | None = None  # a fixed plan file instead of sweep + search
+
+
+@dataclass(frozen=True)
+class StorageSection:
+    entropy: str = "ans"
+    fp16_codebooks: bool = False
+    fp16_dense: bool = False
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    """Everything ``labelless run`` does; the YAML config mirrors these sections."""
+
+    model: ModelSection = ModelSection()
+    teacher: TeacherSection = TeacherSection()
+    data: DataSection = DataSection()
+    sweep: SweepSection = SweepSection()
+    search: SearchSection = SearchSection()
+    retrain: RetrainConfig = RetrainConfig()
+    baseline: bool = True  # also run conventional labelled retraining, for comparison
+    storage: StorageSection = StorageSection()
+    device: str = "auto"
+    seed: int = 0
+    out: str = "runs/default"
+
+    @classmethod
+    def from_data(cls, data: Any) -> "RunConfig":
+        return from_mapping(cls, data, "run config")
+
+
+@dataclass
+class _Run:
+    config: RunConfig
+    out: Path
+    device: torch.device
+    spec: ModelSpec | None = None
+    teacher: nn.Module | None = None
+    test_logits: torch.Tensor | None = None  # the teacher's, to measure agreement on the test set
+    report: dict[str, Any] = field(default_factory=dict)
+    timings: dict[str, float] = field(default_factory=dict)
+
+
+def run_pipeline(config: RunConfig) -> dict[str, Any]:
+    """Run every stage and return ``report.json``'s content.
+
+    Example:
+        >>> report = run_pipeline(RunConfig(out="runs/demo"))
+        >>> report["size_reduction"]
+        0.88
+    """
+    from .data import Preprocess
+
+    out = Path(config.out)
+    out.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(out / "config.yaml", yaml.safe_dump(to_mapping(config), sort_keys=False))
+    run = _Run(config, out, resolve_device(config.device))
+    torch.manual_seed(config.seed)
+    _stage(run, "teacher", _teacher)
+    preprocess = Preprocess.for_spec(run.spec).to(run.device)
+    test = _open(config.data.test, "test", True, run.spec, config.data.test_limit, config.seed)
+    run.report["original"] = _original(run, test, preprocess)
+    plan = _stage(run, "sweep and search", lambda r: _plan(r, preprocess))
+    quantized = quantize(run.teacher, plan)
+    run.report["quantized"] = _evaluate(run, quantized, test, preprocess, "quantized.lless")
+    _stage(run, "label-free retraining", lambda r: _labelfree(r, quantized, test, preprocess))
+    if config.baseline:
+        _stage(run, "labelled retraining", lambda r: _labeled(r, quantized, test, preprocess))
+    return _finish(run, plan)
+
+
+def _stage(run: _Run, name: str, step) -> Any:
+    log.info("== %s", name)
+    start = time.perf_counter()
+    result = step(run)
+    run.timings[name] = round(time.perf_counter() - start, 2)
+    return result
+
+
+def _open(spec_text: str, split: str, labeled: bool, spec: ModelSpec, limit: int | None, seed: int):
+    from .data import open_images
+
+    return open_images(spec_text, split=split, labeled=labeled, size=spec.image_size, channels=spec.in_channels,
+                       limit=limit, seed=seed)
+
+
+# -- stages --------------------------------------------------------------------------------
+
+
+def _teacher(run: _Run) -> None:
+    section = run.config.model
+    if section.weights:
+        run.spec = _spec(section, section.mean, section.std)
+        run.teacher = load_weights(build_model(run.spec), section.weights).to(run.device).eval()
+        return
+    train = _open(run.config.teacher.data, "train", True, _spec(section, (), ()), run.config.teacher.limit, run.config.seed)
+    mean, std = _channel_stats(train.images)
+    run.spec = _spec(section, section.mean or mean, section.std or std)
+    run.teacher = _cached_teacher(run, train)
+
+
+def _spec(section: ModelSection, mean, std) -> ModelSpec:
+    return ModelSpec(section.name, num_classes=section.num_classes, in_channels=section.in_channels,
+                     small_input=section.small_input, image_size=section.image_size, mean=tuple(mean), std=tuple(std))
+
+
+def _channel_stats(images: torch.Tensor) -> tuple[tuple[float, ...], tuple[float, ...]]:
+    x = images[:10000].float() / 255
+    return tuple(x.mean(dim=(0, 2, 3)).tolist()), tuple(x.std(dim=(0, 2, 3)).tolist())
+
+
+def _cached_teacher(run: _Run, train) -> nn.Module:
+    """Train the teacher, or reuse ``teacher.safetensors`` trained with the same settings."""
+    from .data import Preprocess
+
+    path, meta = run.out / "teacher.safetensors", run.out / "teacher.json"
+    identity = {"spec": run.spec.to_dict(), "teacher": to_mapping(run.config.teacher), "seed": run.config.seed}
+    model = build_model(run.spec).to(run.device)
+    if path.is_file() and meta.is_file() and json.loads(meta.read_text()).get("identity") == identity:
+        log.info("reusing the teacher trained earlier in %s", path)
+        return load_weights(model, path).eval()
+    stats = train_classifier(model, train, Preprocess.for_spec(run.spec).to(run.device),
+                             config=run.config.teacher.train, device=run.device)
+    with atomic_path(path) as tmp:
+        safetensors.torch.save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(tmp))
+    atomic_write_json(meta, {"identity": identity, "training": stats})
+    run.report["teacher_training"] = stats
+    return model.eval()
+
+
+def _original(run: _Run, test, preprocess) -> dict[str, Any]:
+    from .fileformat import fp32_safetensors_bytes
+
+    logits, labels = predict_labeled(run.teacher, test, preprocess, device=run.device, desc="evaluate original")
+    run.test_logits = logits
+    return {"accuracy": accuracy(logits, labels), "bytes": fp32_safetensors_bytes(run.teacher)}
+
+
+def _plan(run: _Run, preprocess):
+    section = run.config.search
+    if section.plan:
+        return load_plan(section.plan)
+    cfg, data = run.config.sweep, run.config.data
+    unlabeled = _open(data.unlabeled, "train", False, run.spec, cfg.limit, run.config.seed)
+    sweep_config = SweepConfig(clusters=cfg.clusters, include_bias=cfg.include_bias, batch_size=cfg.batch_size)
+    identity = {"spec": run.spec.to_dict(), "data": data.unlabeled, "limit": cfg.limit, "seed": run.config.seed,
+                "teacher": _fingerprint(run.teacher)}
+    result = sweep(run.teacher, unlabeled, preprocess, config=sweep_config, out_dir=run.out / "sweep",
+                   identity=identity, device=run.device)
+    reference = prepare_reference(run.teacher, unlabeled, preprocess, None, cfg.batch_size, run.device)
+    found = search(result, make_evaluator(reference, section.metric), max_drop=section.max_drop, metric=section.metric)
+    plan = found.best.plan()
+    plan.save(run.out / "plan.yaml", header=_plan_header(found))
+    atomic_write_json(run.out / "search.json", found.to_dict())
+    run.report["search"] = {"max_drop": section.max_drop, "metric": section.metric,
+                            "measured_drop": found.best.measured_drop, "predicted_drop": found.best.predicted_drop,
+                            "alternatives": len(found.alternatives)}
+    return plan
+
+
+def _plan_header(found) -> str:
+    best = found.best
+    return (f"found by labelless search: {best.bytes} bytes, measured {found.metric} drop "
+            f"{best.measured_drop:.2f} points (budget {found.max_drop}), predicted {best.predicted_drop:.2f}")
+
+
+def _fingerprint(model: nn.Module) -> str:
+    import hashlib
+
+    digest = hashlib.sha256()
+    for key, value in sorted(model.state_dict().items()):
+        digest.update(key.encode())
+        digest.update(value.detach().float().sum().cpu().numpy().tobytes())
+    return digest.hexdigest()[:16]
+
+
+def _evaluate(run: _Run, model: nn.Module, test, preprocess, filename: str) -> dict[str, Any]:
+    storage = run.config.storage
+    report = save(model, run.out / filename, entropy=storage.entropy,
+                  codebook_dtype="float16" if storage.fp16_codebooks else "float32",
+                  dense_dtype="float16" if storage.fp16_dense else "float32")
+    logits, labels = predict_labeled(model, test, preprocess, device=run.device, desc=f"evaluate {filename}")
+    return {"accuracy": accuracy(logits, labels), "agreement": agreement(logits, run.test_logits),
+            "bytes": report["total_bytes"], "file": filename}
+
+
+def _labelfree(run: _Run, quantized: nn.Module, test, preprocess) -> None:
+    data = run.config.data
+    unlabeled = _open(data.unlabeled, "train", False, run.spec, data.unlabeled_limit, run.config.seed)
+    result = retrain(copy.deepcopy(quantized), run.teacher, unlabeled.unlabeled(), preprocess,
+                     config=run.config.retrain, checkpoint_dir=run.out / "checkpoints", device=run.device)
+    figures = _evaluate(run, result.model, test, preprocess, "model.lless")
+    run.report["retrained_labelfree"] = dict(figures, seconds=round(result.seconds, 2),
+                                             images_per_second=round(result.images_per_second, 1),
+                                             holdout_before=result.before, holdout_after=result.after,
+                                             best_epoch=result.best_epoch)
+
+
+def _labeled(run: _Run, quantized: nn.Module, test, preprocess) -> None:
+    data = run.config.data
+    labeled = _open(data.baseline, "train", True, run.spec, data.baseline_limit, run.config.seed)
+    result = retrain_labeled(copy.deepcopy(quantized), labeled, preprocess, config=run.config.retrain,
+                             checkpoint_dir=run.out / "checkpoints", device=run.device)
+    figures = _evaluate(run, result.model, test, preprocess, "baseline.lless")
+    run.report["retrained_labeled"] = dict(figures, seconds=round(result.seconds, 2),
+                                           images_per_second=round(result.images_per_second, 1),
+                                           best_epoch=result.best_epoch)
+
+
+def _finish(run: _Run, plan) -> dict[str, Any]:
+    from .report import run_markdown
+
+    config = run.config
+    report = run.report
+    final = report.get("retrained_labelfree", report["quantized"])
+    report.update(
+        size_reduction=1 - final["bytes"] / report["original"]["bytes"],
+        plan=plan.to_data(),
+        unlabeled_data=config.data.unlabeled,
+        labeled_data=config.data.test,
+        model=run.spec.to_dict(),
+        device=str(run.device),
+        timings=run.timings,
+    )
+    atomic_write_json(run.out / "report.json", report)
+    atomic_write_text(run.out / "report.md", run_markdown(report))
+    return report

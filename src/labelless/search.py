@@ -1,0 +1,218 @@
+"""Automatic plan search from a sweep: the smallest file whose measured drop fits a budget.
+
+Per-layer errors add up, so the sweep's single-tensor rows only *predict* what a combined
+plan does. The search
+
+1. traces the size/error trade-off with a Lagrangian: for a multiplier ``lam`` every tensor
+   independently takes the k minimising ``bytes + lam * KL`` (KL from its sweep row), which
+   gives a ladder of plans from "everything at the smallest k" to "nothing quantized";
+2. walks that ladder by bisection, *measuring* each plan it visits on the sweep's images
+   (top-1 agreement with the original model, or accuracy when labels were given);
+3. returns the smallest plan whose measured drop is within the budget, with every measured
+   plan as a Pareto list of alternatives (size, predicted drop, measured drop).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+from dataclasses import dataclass
+from typing import Any, Callable
+
+import numpy as np
+import torch
+
+from .errors import LabellessError
+from .plan import Plan
+from .sensitivity import Reference, SweepResult, SweepRow, variant
+
+__all__ = ["Candidate", "SearchResult", "search", "ladder", "make_evaluator"]
+
+log = logging.getLogger(__name__)
+
+N_MULTIPLIERS = 400
+
+
+@dataclass
+class Candidate:
+    """One plan on the ladder and, once evaluated, what it really does."""
+
+    choice: dict[str, int]  # tensor key ("features.0.weight") -> k
+    predicted_bytes: int
+    predicted_drop: float  # sum of the single-tensor drops, in points
+    predicted_kl: float
+    bytes: int | None = None  # the real .lless size, once measured
+    measured_drop: float | None = None  # points below the original, once measured
+    measured: dict[str, float] | None = None
+
+    def plan(self) -> Plan:
+        return Plan.from_choice(self.choice)
+
+    def to_dict(self) -> dict[str, Any]:
+        data = dataclasses.asdict(self)
+        data["plan"] = self.plan().to_data() if self.choice else []
+        del data["choice"]
+        return data
+
+
+@dataclass
+class SearchResult:
+    best: Candidate
+    alternatives: list[Candidate]  # every measured plan, smallest first
+    max_drop: float
+    metric: str
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "metric": self.metric,
+            "max_drop": self.max_drop,
+            "best": self.best.to_dict(),
+            "alternatives": [c.to_dict() for c in self.alternatives],
+        }
+
+
+def search(
+    result: SweepResult,
+    evaluate: Callable[[dict[str, int]], tuple[int, float, dict[str, float]]],
+    *,
+    max_drop: float,
+    metric: str = "agreement",
+) -> SearchResult:
+    """The smallest plan whose *measured* drop is at most ``max_drop`` points.
+
+    ``evaluate(choice) -> (file bytes, measured drop in points, figures)`` quantizes the
+    model by a choice and measures it (see :func:`labelless.pipeline.plan_evaluator`).
+
+    Example:
+        >>> found = search(sweep_result, evaluator, max_drop=0.5)
+        >>> found.best.plan().save("plan.yaml")
+    """
+    if max_drop < 0:
+        raise LabellessError(f"--max-drop must be >= 0 points, got {max_drop}")
+    rungs = ladder(result, metric)
+    measured: dict[int, Candidate] = {}
+
+    def measure(i: int) -> Candidate:
+        if i not in measured:
+            candidate = rungs[i]
+            candidate.bytes, candidate.measured_drop, candidate.measured = evaluate(candidate.choice)
+            log.info("plan %d/%d: %d bytes, predicted drop %.2f, measured %.2f points",
+                     i + 1, len(rungs), candidate.bytes, candidate.predicted_drop, candidate.measured_drop)
+            measured[i] = candidate
+        return measured[i]
+
+    best = _bisect(len(rungs), lambda i: measure(i).measured_drop <= max_drop) if rungs else None
+    if best is None:
+        raise LabellessError(
+            f"no plan keeps the {metric} drop within {max_drop} points, not even the smallest change: "
+            "raise --max-drop or sweep larger k"
+        )
+    _measure_neighbours(best, len(rungs), measure)
+    feasible = [c for c in measured.values() if c.measured_drop <= max_drop]
+    chosen = min(feasible, key=lambda c: c.bytes)
+    alternatives = sorted(measured.values(), key=lambda c: c.bytes)
+    return SearchResult(chosen, alternatives, max_drop, metric)
+
+
+def _bisect(n: int, ok: Callable[[int], bool]) -> int | None:
+    """Smallest rung index that is ok, assuming ok is (nearly) monotone in the index."""
+    if not ok(n - 1):
+        return None
+    low, high = 0, n - 1  # high is ok
+    if ok(low):
+        return low
+    while high - low > 1:
+        middle = (low + high) // 2
+        if ok(middle):
+            high = middle
+        else:
+            low = middle
+    return high
+
+
+def _measure_neighbours(best: int, n: int, measure: Callable[[int], Candidate]) -> None:
+    """A few more rungs around the answer, for the list of alternatives."""
+    for i in (best - 2, best - 1, best + 1, best + 3, best + 6, n - 1):
+        if 0 <= i < n:
+            measure(i)
+
+
+def ladder(result: SweepResult, metric: str = "agreement") -> list[Candidate]:
+    """Plans from smallest to largest, one per distinct Lagrangian choice."""
+    options = _options(result.rows, metric, result.reference)
+    if not options:
+        raise LabellessError("the sweep has no rows to search")
+    base = result.reference.get("unquantized_bytes", result.reference["fp32_bytes"])
+    rungs: list[Candidate] = []
+    seen: set[tuple] = set()
+    for lam in np.concatenate([[0.0], np.logspace(-1, 16, N_MULTIPLIERS), [np.inf]]):
+        choice = {key: _pick(opts, lam) for key, opts in options.items()}
+        choice = {key: k for key, k in choice.items() if k is not None}
+        signature = tuple(sorted(choice.items()))
+        if not choice or signature in seen:
+            continue
+        seen.add(signature)
+        rungs.append(_candidate(choice, options, base))
+    rungs.sort(key=lambda c: c.predicted_bytes)
+    return rungs
+
+
+def _options(rows: list[SweepRow], metric: str, reference: dict) -> dict[str, list[tuple]]:
+    """Per tensor: (k, bytes saved, KL, drop) options, plus "not quantized"."""
+    if metric == "accuracy" and reference.get("accuracy") is None:
+        raise LabellessError("--metric accuracy needs a sweep run with --labeled data; use --metric agreement")
+    if metric not in ("agreement", "accuracy"):
+        raise LabellessError(f"unknown metric {metric!r}: use agreement or accuracy")
+    base = reference.get("unquantized_bytes", reference["fp32_bytes"])
+    options: dict[str, list[tuple]] = {}
+    for row in rows:
+        drop = 100.0 - row.agreement if metric == "agreement" else reference["accuracy"] - row.accuracy
+        options.setdefault(row.key, [(None, 0, 0.0, 0.0)]).append((row.k, base - row.bytes, row.kl, drop))
+    return options
+
+
+def _pick(options: list[tuple], lam: float) -> int | None:
+    if np.isinf(lam):
+        return None
+    return min(options, key=lambda o: (-o[1] + lam * o[2], o[2]))[0]
+
+
+def _candidate(choice: dict[str, int], options: dict[str, list[tuple]], base: int) -> Candidate:
+    saved = kl = drop = 0.0
+    for key, k in choice.items():
+        option = next(o for o in options[key] if o[0] == k)
+        saved, kl, drop = saved + option[1], kl + option[2], drop + max(0.0, option[3])
+    return Candidate(choice, int(base - saved), float(drop), float(kl))
+
+
+def make_evaluator(reference: Reference, metric: str = "agreement") -> Callable[[dict[str, int]], tuple]:
+    """``evaluate(choice) -> (file bytes, drop in points, figures)`` on the reference images.
+
+    Quantized tensors are swapped into the original model in place and restored after,
+    and each (tensor, k) is clustered only once however often the search asks for it.
+    """
+    cache: dict[tuple[str, int], tuple] = {}
+    baseline = 100.0 if metric == "agreement" else reference.measure()["accuracy"] if reference.labeled else None
+
+    def evaluate(choice: dict[str, int]) -> tuple[int, float, dict[str, float]]:
+        swaps = []
+        for key, k in choice.items():
+            layer, _, tensor = key.rpartition(".")
+            if (key, k) not in cache:
+                cache[(key, k)] = variant(reference.modules[layer], tensor, k)
+            swaps.append((getattr(reference.modules[layer], tensor), cache[(key, k)]))
+        originals = [param.detach().clone() for param, _ in swaps]
+        try:
+            with torch.no_grad():
+                for param, (_, _, dense, _) in swaps:
+                    param.copy_(dense)
+            figures = reference.measure()
+        finally:
+            with torch.no_grad():
+                for (param, _), original in zip(swaps, originals):
+                    param.copy_(original)
+        n_clusters = {key: cache[(key, k)][3] for key, k in choice.items()}
+        size = reference.sizer.size(n_clusters, Plan.from_choice(choice).to_data() if choice else None)
+        return size, baseline - figures[metric], figures
+
+    return evaluate

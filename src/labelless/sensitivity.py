@@ -1,0 +1,364 @@
+"""Per-layer sensitivity sweep, without labels.
+
+For every quantizable layer's weights, and for its bias as a row of its own, at each k:
+quantize that tensor alone and measure how far the outputs move from the original model's
+on unlabelled images (top-1 agreement, mean KL divergence), the accuracy on a labelled set
+when one is given, and the exact size of the ``.lless`` file that plan would give.
+
+The original model runs once; for each layer only what depends on it is recomputed
+(:mod:`labelless.incremental`). Rows are appended to ``DIR/rows.jsonl`` layer by layer,
+so a sweep killed halfway continues where it stopped when run again with the same settings.
+"""
+
+from __future__ import annotations
+
+import csv
+import dataclasses
+import json
+import logging
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+import torch
+from torch import nn
+
+from .errors import LabellessError
+from .evaluate import accuracy, agreement, autocast, kl_divergence
+from .incremental import Splitter
+from .io import atomic_write_json, atomic_write_text
+from .kmeans import cluster
+from .layers import LayerInfo, list_layers
+from .plan import Plan
+from .progress import progress
+from .quantize import decode
+from .sizing import FileSizer
+
+__all__ = [
+    "SweepConfig", "SweepRow", "SweepResult", "Reference", "sweep", "prepare_reference", "variant", "DEFAULT_CLUSTERS"
+]
+
+log = logging.getLogger(__name__)
+
+DEFAULT_CLUSTERS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
+
+
+@dataclass(frozen=True)
+class SweepConfig:
+    """What the sweep tries and on how many images."""
+
+    clusters: tuple[int, ...] = DEFAULT_CLUSTERS  # k values tried for every tensor
+    include_bias: bool = True  # also sweep each layer's bias as a row of its own
+    batch_size: int = 256
+
+    def __post_init__(self) -> None:
+        clusters = tuple(sorted(set(self.clusters)))
+        if not clusters or any(isinstance(k, bool) or not isinstance(k, int) or k < 1 for k in clusters):
+            raise LabellessError(f"clusters must be whole numbers >= 1, got {list(self.clusters)}")
+        if self.batch_size < 1:
+            raise LabellessError(f"batch size must be >= 1, got {self.batch_size}")
+        object.__setattr__(self, "clusters", clusters)
+
+
+@dataclass
+class SweepRow:
+    """One tensor quantized alone at one k, and what it did."""
+
+    index: int  # layer position in forward order (1-based)
+    layer: str  # dotted module name
+    type: str
+    tensor: str  # "weight" or "bias"
+    n_values: int
+    k: int  # centroids asked for
+    n_clusters: int  # centroids obtained (fewer when the tensor has fewer distinct values)
+    agreement: float  # percent of unlabelled images where the top-1 class is unchanged
+    kl: float  # mean KL(original || quantized) on the unlabelled images
+    bytes: int  # size of the .lless file for this one-tensor plan
+    accuracy: float | None = None  # percent, on the labelled set when one is given
+
+    @property
+    def key(self) -> str:
+        return f"{self.layer}.{self.tensor}" if self.layer else self.tensor
+
+
+@dataclass
+class SweepResult:
+    rows: list[SweepRow]
+    reference: dict[str, Any]  # the original model: bytes, accuracy, images used
+    summary: dict[str, Any] = field(default_factory=dict)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "reference": self.reference,
+            "summary": self.summary,
+            "rows": [dataclasses.asdict(r) for r in self.rows],
+        }
+
+    @classmethod
+    def from_dir(cls, folder: str | Path) -> "SweepResult":
+        path = Path(folder) / "sweep.json"
+        if not path.is_file():
+            raise LabellessError(f"{folder} holds no finished sweep (no sweep.json): run `labelless sweep -o {folder}` first")
+        data = json.loads(path.read_text())
+        return cls([SweepRow(**row) for row in data["rows"]], data["reference"], data.get("summary", {}))
+
+
+@dataclass
+class Reference:
+    """The original model and what it does on the sweep's images, computed once."""
+
+    model: nn.Module
+    modules: dict[str, nn.Module]
+    inputs: list[torch.Tensor]  # preprocessed unlabelled batches, on the device
+    teacher: torch.Tensor  # the original model's logits on them (CPU)
+    labeled: tuple[list[torch.Tensor], torch.Tensor] | None  # batches and labels
+    spec: Any
+    device: torch.device
+    sizer: FileSizer
+
+    def run(self, batches: list[torch.Tensor]) -> torch.Tensor:
+        with torch.no_grad():
+            return torch.cat([_run(self.model, x, self.device) for x in batches])
+
+    def measure(self) -> dict[str, float]:
+        """Agreement and KL with the original on the unlabelled images; accuracy if labelled."""
+        student = self.run(self.inputs)
+        figures = {"agreement": agreement(student, self.teacher), "kl": kl_divergence(self.teacher, student)}
+        if self.labeled:
+            figures["accuracy"] = accuracy(self.run(self.labeled[0]), self.labeled[1])
+        return figures
+
+
+def sweep(
+    model: nn.Module,
+    unlabeled: torch.utils.data.Dataset,
+    preprocess: nn.Module,
+    *,
+    labeled: torch.utils.data.Dataset | None = None,
+    config: SweepConfig = SweepConfig(),
+    out_dir: str | Path | None = None,
+    identity: dict[str, Any] | None = None,
+    device: torch.device | None = None,
+) -> SweepResult:
+    """Sweep every tensor of ``model`` at every k in ``config.clusters``.
+
+    ``identity`` (anything JSON, e.g. the CLI arguments) decides whether rows already in
+    ``out_dir`` belong to this sweep and can be reused.
+
+    Example:
+        >>> result = sweep(model, open_images("mnist", size=32), Preprocess.for_spec(spec), out_dir="sweep")
+        >>> min(r.agreement for r in result.rows if r.k == 256)
+        99.6
+    """
+    device = device or next(model.parameters()).device
+    ctx = prepare_reference(model.to(device).eval(), unlabeled, preprocess, labeled, config.batch_size, device)
+    splitter = Splitter(model)
+    layers = list_layers(model)
+    journal = _Journal(out_dir, {"config": dataclasses.asdict(config), "identity": identity})
+    rows = journal.rows()
+    done = {(r.layer, r.tensor, r.k) for r in rows}
+    for layer in progress(layers, desc="sweep", unit="layer"):
+        jobs = _jobs(ctx, layer, config, done)
+        if jobs:
+            new = _sweep_layer(ctx, splitter, layer, jobs)
+            journal.append(new)
+            rows.extend(new)
+    result = _finish(ctx, rows, layers, len(unlabeled))
+    if out_dir is not None:
+        write_sweep(result, Path(out_dir))
+    return result
+
+
+def prepare_reference(
+    model: nn.Module,
+    unlabeled: torch.utils.data.Dataset,
+    preprocess: nn.Module,
+    labeled: torch.utils.data.Dataset | None,
+    batch_size: int,
+    device: torch.device,
+) -> Reference:
+    """Preprocess the images once and run the original model on them once."""
+    from .data import loader
+
+    def batches(dataset):
+        for item in loader(dataset, batch_size):
+            yield item if isinstance(item, (list, tuple)) else (item,)
+
+    with torch.no_grad():
+        inputs = [preprocess(b[0].to(device)) for b in batches(unlabeled)]
+        teacher = torch.cat([_run(model, x, device) for x in inputs])
+        lab = None
+        if labeled is not None:
+            pairs = list(batches(labeled))
+            lab = ([preprocess(x.to(device)) for x, _ in pairs], torch.cat([y for _, y in pairs]))
+    if not inputs:
+        raise LabellessError("the unlabelled set is empty: give it some images")
+    spec = getattr(model, "labelless_spec", None)
+    return Reference(model, dict(model.named_modules()), inputs, teacher, lab, spec, device, FileSizer(model, spec))
+
+
+def _run(model: nn.Module, x: torch.Tensor, device: torch.device) -> torch.Tensor:
+    with autocast(device):
+        return model(x).float().cpu()
+
+
+def _jobs(ctx: Reference, layer: LayerInfo, config: SweepConfig, done: set) -> list[tuple[str, int]]:
+    module = ctx.modules[layer.name]
+    tensors = ["weight"] + (["bias"] if config.include_bias and getattr(module, "bias", None) is not None else [])
+    return [(t, k) for t in tensors for k in config.clusters if (layer.name, t, k) not in done]
+
+
+@torch.no_grad()
+def _sweep_layer(ctx: Reference, splitter: Splitter, layer: LayerInfo, jobs: list[tuple[str, int]]) -> list[SweepRow]:
+    module = ctx.modules[layer.name]
+    variants = [variant(module, tensor, k) for tensor, k in jobs]
+    prefix, suffix = splitter.split(layer.name)
+    sets = [ctx.inputs] + ([ctx.labeled[0]] if ctx.labeled else [])
+    outputs = [[[] for _ in sets] for _ in variants]
+    originals = {tensor: getattr(module, tensor).detach().clone() for tensor, _ in jobs}
+    try:
+        for s, batches in enumerate(sets):
+            for x in batches:
+                with autocast(ctx.device):
+                    frontier = prefix(x)
+                    for v, (tensor, _, weights, _) in enumerate(variants):
+                        getattr(module, tensor).copy_(weights)
+                        outputs[v][s].append(suffix(*frontier).float().cpu())
+                        getattr(module, tensor).copy_(originals[tensor])
+    finally:
+        for tensor, original in originals.items():
+            getattr(module, tensor).copy_(original)
+    return [_row(ctx, layer, variant, [torch.cat(o) for o in out]) for variant, out in zip(variants, outputs)]
+
+
+def variant(module: nn.Module, tensor: str, k: int) -> tuple[str, int, torch.Tensor, int]:
+    """(tensor, k, the tensor quantized at k, centroids obtained)."""
+    param = getattr(module, tensor).detach()
+    flat = np.ascontiguousarray(param.reshape(-1).to("cpu", torch.float32).numpy())
+    centroids, indices = cluster(flat, min(k, flat.size), None, np.int64)
+    dense = decode(torch.from_numpy(centroids), torch.from_numpy(indices)).view(param.shape)
+    return tensor, k, dense.to(param.device, param.dtype), int(centroids.size)
+
+
+def _row(ctx: Reference, layer: LayerInfo, variant, outputs: list[torch.Tensor]) -> SweepRow:
+    tensor, k, _, n_clusters = variant
+    key = f"{layer.name}.{tensor}" if layer.name else tensor
+    return SweepRow(
+        index=layer.index,
+        layer=layer.name,
+        type=layer.type,
+        tensor=tensor,
+        n_values=layer.n_weights if tensor == "weight" else layer.n_bias,
+        k=k,
+        n_clusters=n_clusters,
+        agreement=agreement(outputs[0], ctx.teacher),
+        kl=kl_divergence(ctx.teacher, outputs[0]),
+        bytes=ctx.sizer.size({key: n_clusters}, Plan.from_choice({key: k}).to_data()),
+        accuracy=accuracy(outputs[1], ctx.labeled[1]) if ctx.labeled else None,
+    )
+
+
+def _finish(ctx: Reference, rows: list[SweepRow], layers: list[LayerInfo], n_images: int) -> SweepResult:
+    order = {layer.name: layer.index for layer in layers}
+    rows.sort(key=lambda r: (order.get(r.layer, 0), r.tensor != "weight", r.k))
+    reference = {
+        "fp32_bytes": ctx.sizer.fp32_bytes,
+        "unquantized_bytes": ctx.sizer.size({}),
+        "unlabeled_images": n_images,
+        "accuracy": None,
+    }
+    if ctx.labeled:
+        reference["accuracy"] = accuracy(ctx.run(ctx.labeled[0]), ctx.labeled[1])
+        reference["labeled_images"] = int(ctx.labeled[1].numel())
+    return SweepResult(rows, reference, {"biases_at_1": _biases_at_one(rows)})
+
+
+def _biases_at_one(rows: list[SweepRow]) -> dict[str, Any]:
+    """Does one centroid per bias cost anything? The single-layer rows say, per layer."""
+    bias = [r for r in rows if r.tensor == "bias" and r.k == 1]
+    if not bias:
+        return {}
+    worst = min(bias, key=lambda r: r.agreement)
+    return {
+        "layers": len(bias),
+        "mean_agreement": float(np.mean([r.agreement for r in bias])),
+        "worst_layer": worst.layer,
+        "worst_agreement": worst.agreement,
+    }
+
+
+# -- the journal: rows of a sweep in progress ----------------------------------------------
+
+
+class _Journal:
+    """``rows.jsonl``: a first line naming the settings, then one JSON row per line.
+
+    A line cut short by a kill is ignored; rows of other settings are discarded.
+    """
+
+    def __init__(self, folder: str | Path | None, settings: dict[str, Any]):
+        self.path = None if folder is None else Path(folder) / "rows.jsonl"
+        self.settings = json.loads(json.dumps(settings))
+        if self.path is not None:
+            Path(folder).mkdir(parents=True, exist_ok=True)
+
+    def rows(self) -> list[SweepRow]:
+        if self.path is None or not self.path.is_file():
+            return self._start()
+        lines = self.path.read_text().splitlines()
+        if not lines or _parse(lines[0]) != {"settings": self.settings}:
+            log.warning("%s holds a sweep with other settings: starting again", self.path.parent)
+            return self._start()
+        rows = [row for row in (_parse(line) for line in lines[1:]) if isinstance(row, dict)]
+        kept = [SweepRow(**row) for row in rows if set(row) == {f.name for f in dataclasses.fields(SweepRow)}]
+        if kept:
+            log.info("resuming the sweep in %s: %d rows already done", self.path.parent, len(kept))
+        atomic_write_text(self.path, "".join(line + "\n" for line in [lines[0]] + [json.dumps(dataclasses.asdict(r)) for r in kept]))
+        return kept
+
+    def _start(self) -> list[SweepRow]:
+        if self.path is not None:
+            atomic_write_text(self.path, json.dumps({"settings": self.settings}) + "\n")
+        return []
+
+    def append(self, rows: Sequence[SweepRow]) -> None:
+        if self.path is None:
+            return
+        with open(self.path, "a") as handle:
+            handle.write("".join(json.dumps(dataclasses.asdict(r)) + "\n" for r in rows))
+            handle.flush()
+            os.fsync(handle.fileno())
+
+
+def _parse(line: str) -> Any:
+    try:
+        return json.loads(line)
+    except json.JSONDecodeError:
+        return None
+
+
+# -- outputs -------------------------------------------------------------------------------
+
+
+def write_sweep(result: SweepResult, folder: Path) -> None:
+    """``sweep.json``, ``sweep.csv`` and the plots, each written atomically."""
+    folder.mkdir(parents=True, exist_ok=True)
+    atomic_write_json(folder / "sweep.json", result.to_dict())
+    atomic_write_text(folder / "sweep.csv", _csv(result.rows))
+    from .report import plot_sweep
+
+    plot_sweep(result, folder)
+
+
+def _csv(rows: list[SweepRow]) -> str:
+    import io
+
+    buffer = io.StringIO()
+    names = [f.name for f in dataclasses.fields(SweepRow)]
+    writer = csv.DictWriter(buffer, fieldnames=names, lineterminator="\n")
+    writer.writeheader()
+    for row in rows:
+        writer.writerow(dataclasses.asdict(row))
+    return buffer.getvalue()

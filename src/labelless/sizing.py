@@ -1,0 +1,89 @@
+"""Exact ``.lless`` file sizes of plans, without clustering or writing anything.
+
+A sweep needs the size of hundreds of one-tensor plans and the search of many combined
+ones; the file layout is deterministic (bit-packed indices take ceil(n*bits/8) bytes, the
+headers are JSON), so the size follows from shapes and numbers of centroids alone. A test
+checks that it equals the size of the file :func:`labelless.save` writes.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from typing import Any
+
+import torch
+from torch import nn
+
+from . import coding
+from .fileformat import _SAFETENSORS_DTYPES as _ST
+from .fileformat import FORMAT, FORMAT_VERSION, _dtype_name, fp32_safetensors_bytes, safetensors_size
+from .layers import list_layers
+from .quantize import quantized_tensors
+
+__all__ = ["FileSizer"]
+
+class FileSizer:
+    """Sizes of ``.lless`` files of one dense model under different plans.
+
+    Example:
+        >>> sizer = FileSizer(model)
+        >>> sizer.size({"features.0.weight": 16}, plan=[{"layers": "features.0", "weights": 16}])
+        553402111
+    """
+
+    def __init__(self, model: nn.Module, spec: Any = None, codebook_dtype: str = "float32", dense_dtype: str = "float32"):
+        if quantized_tensors(model):
+            raise ValueError("FileSizer takes the original (dense) model")
+        spec = spec or getattr(model, "labelless_spec", None)
+        self.codebook = (torch.float16 if codebook_dtype == "float16" else torch.float32, codebook_dtype)
+        self.dense_half = dense_dtype == "float16"
+        self.tensors, self.aliases = _distinct_tensors(model)
+        self.fp32_bytes = fp32_safetensors_bytes(model)
+        self.fixed = {
+            "format": FORMAT,
+            "version": FORMAT_VERSION,
+            "architecture": None if spec is None else spec.to_dict(),
+            "layers": [{"index": l.index, "name": l.name, "type": l.type} for l in list_layers(model)],
+        }
+
+    def size(self, n_clusters: dict[str, int], plan: list | None = None) -> int:
+        """Bytes of the file with ``n_clusters[key]`` centroids for each quantized tensor."""
+        entries, shapes = {}, {}
+        for key, tensor in self.tensors.items():
+            k = n_clusters.get(key)
+            if k is None:
+                entries[key] = self._dense(key, tensor, shapes)
+            else:
+                entries[key] = self._quantized(key, tensor, k, shapes)
+        header = dict(self.fixed, plan=plan, tensors=entries, aliases=self.aliases, fp32_bytes=self.fp32_bytes,
+                      checksum={"algorithm": "sha256", "tensors": "0" * 64})
+        return safetensors_size(shapes, metadata={FORMAT: json.dumps(header)})
+
+    def _dense(self, key: str, tensor: torch.Tensor, shapes: dict) -> dict:
+        stored = torch.float16 if self.dense_half and tensor.dtype == torch.float32 else tensor.dtype
+        shapes[key] = (_ST[stored], list(tensor.shape), tensor.numel() * stored.itemsize)
+        return {"kind": "dense", "shape": list(tensor.shape), "dtype": _dtype_name(tensor.dtype),
+                "stored_dtype": _dtype_name(stored)}
+
+    def _quantized(self, key: str, tensor: torch.Tensor, k: int, shapes: dict) -> dict:
+        bits = coding.index_bits(k)
+        dtype, name = self.codebook
+        shapes[f"{key}::codebook"] = (_ST[dtype], [k], k * dtype.itemsize)
+        if bits:
+            n_bytes = coding.packed_size(tensor.numel(), bits)
+            shapes[f"{key}::indices"] = ("U8", [n_bytes], n_bytes)
+        return {"kind": "quantized", "shape": list(tensor.shape), "n_clusters": k, "bits": bits, "coding": "packed",
+                "codebook_dtype": name}
+
+
+def _distinct_tensors(model: nn.Module) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    tensors, aliases, seen = {}, {}, {}
+    for key, value in model.state_dict(keep_vars=True).items():
+        identity = (value.data_ptr(), value.numel(), tuple(value.stride()))
+        if value.numel() and identity in seen:
+            aliases[key] = seen[identity]
+            continue
+        seen[identity] = key
+        tensors[key] = value.detach()
+    return tensors, aliases

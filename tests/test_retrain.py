@@ -1,0 +1,154 @@
+"""Label-free retraining: frozen tensors stay frozen, no label is read, never worse, resumable."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+
+import labelless
+from labelless import LabellessError
+from labelless.data import Preprocess, open_images
+from labelless.retrain import RetrainConfig, _Trainer, retrain, retrain_labeled
+
+PRE = Preprocess(channels=1, size=8, mean=(0.3,), std=(0.3,))
+FAST = RetrainConfig(epochs=3, lr=3e-3, batch_size=64, cutmix=0.5, seed=1)
+
+
+@pytest.fixture(scope="module")
+def teacher():
+    from conftest import TinyNet
+    from labelless.train import TrainConfig, train_classifier
+
+    torch.manual_seed(0)
+    model = TinyNet()
+    train_classifier(model, open_images("digits", labeled=True), PRE,
+                     config=TrainConfig(epochs=3, lr=1e-2, batch_size=64, augment=False))
+    return model.eval()
+
+
+@pytest.fixture
+def student(teacher):
+    return labelless.quantize(teacher, [{"layers": "conv,fc1", "weights": 2}])
+
+
+@pytest.fixture(scope="module")
+def unlabeled():
+    return open_images("digits", split="train").unlabeled()
+
+
+class NoLabels(torch.utils.data.Dataset):
+    """Images only; any attempt to reach a label raises."""
+
+    def __init__(self, base):
+        self.images = base.images
+
+    def __len__(self):
+        return len(self.images)
+
+    def __getitem__(self, i):
+        return self.images[i]
+
+    @property
+    def labels(self):
+        raise AssertionError("the label-free path read a label")
+
+
+def _snapshot(model):
+    return {k: (qt.centroids.detach().clone(), qt.indices.clone()) for k, qt in labelless.quantized_tensors(model).items()}
+
+
+def test_quantized_tensors_stay_bit_identical_and_no_label_is_read(student, teacher, unlabeled):
+    before = _snapshot(student)
+    result = retrain(student, teacher, NoLabels(unlabeled), PRE, config=FAST)
+    for key, (centroids, indices) in _snapshot(result.model).items():
+        assert torch.equal(centroids, before[key][0]) and torch.equal(indices, before[key][1])
+    assert result.after["agreement"] >= result.before["agreement"]
+    assert result.trainable_parameters > 0
+
+
+def test_retraining_improves_agreement_and_the_loss_falls(student, teacher, unlabeled):
+    result = retrain(student, teacher, unlabeled, PRE, config=RetrainConfig(epochs=4, lr=3e-3, batch_size=64, cutmix=0))
+    assert result.after["agreement"] > result.before["agreement"]
+    assert result.history[-1]["loss"] < result.history[0]["loss"]
+
+
+def test_never_hands_back_a_worse_model(student, teacher, unlabeled):
+    wild = RetrainConfig(epochs=2, lr=5.0, batch_size=64, cutmix=0)  # a learning rate that wrecks it
+    result = retrain(student, teacher, unlabeled, PRE, config=wild)
+    assert result.after == result.before and result.best_epoch == 0
+
+
+def test_batchnorm_statistics_frozen_by_default_and_updated_on_request(student, teacher, unlabeled):
+    mean = student.bn.running_mean.clone()
+    frozen = retrain(copy.deepcopy(student), teacher, unlabeled, PRE, config=FAST)
+    assert torch.equal(frozen.model.bn.running_mean, mean)
+    updated = retrain(copy.deepcopy(student), teacher, unlabeled, PRE,
+                      config=RetrainConfig(epochs=2, lr=1e-3, batch_size=64, bn="update", cutmix=0))
+    assert not torch.equal(updated.model.bn.running_mean, mean) or updated.best_epoch == 0
+
+
+def test_tune_centroids_moves_codebooks_not_indices_nor_size(tmp_path, student, teacher, unlabeled):
+    before = _snapshot(student)
+    size = labelless.save(student, tmp_path / "a.lless")["total_bytes"]
+    result = retrain(student, teacher, unlabeled, PRE,
+                     config=RetrainConfig(epochs=3, lr=3e-3, batch_size=64, tune_centroids=True, centroid_lr=1e-2, cutmix=0))
+    after = _snapshot(result.model)
+    assert all(torch.equal(after[k][1], before[k][1]) for k in before)
+    assert any(not torch.equal(after[k][0], before[k][0]) for k in before) or result.best_epoch == 0
+    assert labelless.save(result.model, tmp_path / "b.lless")["total_bytes"] == size
+
+
+def test_a_killed_retraining_resumes_to_the_same_result(tmp_path, student, teacher, unlabeled, monkeypatch):
+    reference = retrain(copy.deepcopy(student), teacher, unlabeled, PRE, config=FAST, checkpoint_dir=tmp_path / "a")
+    real = _Trainer._epoch
+
+    def dies_in_epoch_2(self, epoch, *args):
+        if epoch == 2:
+            raise KeyboardInterrupt
+        return real(self, epoch, *args)
+
+    monkeypatch.setattr(_Trainer, "_epoch", dies_in_epoch_2)
+    with pytest.raises(KeyboardInterrupt):
+        retrain(copy.deepcopy(student), teacher, unlabeled, PRE, config=FAST, checkpoint_dir=tmp_path / "b")
+    monkeypatch.setattr(_Trainer, "_epoch", real)
+    resumed = retrain(copy.deepcopy(student), teacher, unlabeled, PRE, config=FAST, checkpoint_dir=tmp_path / "b")
+    assert resumed.history == reference.history and resumed.after == reference.after
+    for (k, a), b in zip(reference.model.state_dict().items(), resumed.model.state_dict().values()):
+        assert torch.equal(a, b), k
+
+
+def test_non_finite_loss_stops_with_a_clear_error_and_keeps_the_checkpoint(tmp_path, student, teacher, unlabeled, monkeypatch):
+    real = _Trainer._step
+    calls = {"n": 0}
+
+    def nan_in_epoch_2(self, *args):
+        calls["n"] += 1
+        return float("nan") if calls["n"] > 30 else real(self, *args)
+
+    monkeypatch.setattr(_Trainer, "_step", nan_in_epoch_2)
+    with pytest.raises(LabellessError, match="loss became nan.*checkpoint is kept"):
+        retrain(student, teacher, unlabeled, PRE, config=FAST, checkpoint_dir=tmp_path)
+    saved = torch.load(tmp_path / "retrain-labelfree.ckpt", weights_only=True)
+    assert saved["epoch"] >= 1
+
+
+def test_nothing_left_to_retrain_is_a_clear_error(teacher, unlabeled):
+    everything = labelless.quantize(teacher, [{"layers": "*", "weights": 4, "bias": 2}])
+    for module in everything.modules():
+        for param in module.parameters(recurse=False):
+            if param.requires_grad and not hasattr(module, "labelless_quantized"):
+                param.requires_grad_(False)
+    everything.bn.weight = torch.nn.Parameter(everything.bn.weight.detach())
+    with pytest.raises(LabellessError, match="nothing is left to retrain"):
+        all_quantized = labelless.quantize(torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(64, 10)),
+                                           [{"layers": "*", "weights": 4, "bias": 2}])
+        retrain(all_quantized, torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(64, 10)), unlabeled, PRE, config=FAST)
+
+
+def test_labelled_baseline_trains_with_cross_entropy(student):
+    labeled = open_images("digits", split="train", labeled=True)
+    result = retrain_labeled(student, labeled, PRE, config=RetrainConfig(epochs=3, lr=3e-3, batch_size=64))
+    assert result.after["accuracy"] >= result.before["accuracy"]
+    assert result.images_per_second > 0

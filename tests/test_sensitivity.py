@@ -1,0 +1,113 @@
+"""Sweep and search: a row per layer and k, exact sizes, resume, and a plan that keeps its budget."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+import labelless
+from labelless import sensitivity
+from labelless.data import Preprocess, open_images
+from labelless.evaluate import agreement, predict
+from labelless.search import make_evaluator, search
+from labelless.sensitivity import SweepConfig, SweepResult, prepare_reference, sweep
+
+CLUSTERS = (1, 2, 4, 16)
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    """TinyNet trained for a few seconds on the 8x8 digits, so its predictions mean something."""
+    from conftest import TinyNet
+    from labelless.train import TrainConfig, train_classifier
+
+    torch.manual_seed(0)
+    model = TinyNet()
+    data = open_images("digits", labeled=True)
+    train_classifier(model, data, Preprocess(channels=1, size=8, mean=(0.3,), std=(0.3,)),
+                     config=TrainConfig(epochs=3, lr=1e-2, batch_size=64, augment=False))
+    return model.eval()
+
+
+@pytest.fixture(scope="module")
+def digits():
+    return open_images("digits", limit=256, seed=0).unlabeled()
+
+
+@pytest.fixture(scope="module")
+def preprocess():
+    return Preprocess(channels=1, size=8, mean=(0.3,), std=(0.3,))
+
+
+@pytest.fixture(scope="module")
+def folder(tmp_path_factory):
+    return tmp_path_factory.mktemp("sweep")
+
+
+@pytest.fixture(scope="module")
+def swept(folder, tiny, digits, preprocess):
+    return sweep(tiny, digits, preprocess, config=SweepConfig(clusters=CLUSTERS, batch_size=64), out_dir=folder)
+
+
+def test_sweep_has_a_row_per_layer_tensor_and_k(swept, tiny):
+    layers = labelless.list_layers(tiny)
+    expected = {(l.name, "weight", k) for l in layers for k in CLUSTERS}
+    expected |= {(l.name, "bias", k) for l in layers if l.n_bias for k in CLUSTERS}
+    assert {(r.layer, r.tensor, r.k) for r in swept.rows} == expected
+    for row in swept.rows:
+        assert 0 <= row.agreement <= 100 and row.kl >= 0 and row.n_clusters <= row.k
+
+
+def test_sweep_sizes_are_real_file_sizes(tmp_path, swept, tiny):
+    row = next(r for r in swept.rows if r.layer == "fc1" and r.tensor == "weight" and r.k == 4)
+    q = labelless.quantize(tiny, [{"layers": "fc1", "weights": 4}])
+    assert labelless.save(q, tmp_path / "one.lless")["total_bytes"] == row.bytes
+    sizes = [r.bytes for r in swept.rows if r.layer == "fc1" and r.tensor == "weight"]
+    assert sizes == sorted(sizes)
+
+
+def test_sweep_measures_what_quantizing_that_layer_really_does(swept, tiny, digits, preprocess):
+    row = next(r for r in swept.rows if r.layer == "conv" and r.tensor == "weight" and r.k == 2)
+    teacher = predict(tiny, digits, preprocess)
+    student = predict(labelless.quantize(tiny, [{"layers": "conv", "weights": 2}]), digits, preprocess)
+    assert row.agreement == pytest.approx(agreement(student, teacher))
+
+
+def test_sweep_writes_table_json_and_plots(swept, folder):
+    for name in ("sweep.csv", "sweep.json", "heatmap.png", "pareto.png"):
+        assert (folder / name).stat().st_size > 0
+    assert len((folder / "sweep.csv").read_text().splitlines()) == len(swept.rows) + 1
+    assert SweepResult.from_dir(folder).rows == swept.rows
+    assert "biases_at_1" in json.loads((folder / "sweep.json").read_text())["summary"]
+
+
+def test_a_killed_sweep_resumes_and_reuses_finished_rows(tmp_path, folder, tiny, digits, preprocess, swept, monkeypatch):
+    import shutil
+
+    shutil.copytree(folder, tmp_path / "sweep")
+    journal = tmp_path / "sweep" / "rows.jsonl"
+    lines = journal.read_text().splitlines()
+    journal.write_text("\n".join(lines[: 1 + 2 * len(CLUSTERS)]) + '\n{"index": 3, "lay')  # killed mid-line
+    calls = []
+    real = sensitivity._sweep_layer
+    monkeypatch.setattr(sensitivity, "_sweep_layer", lambda ctx, sp, layer, jobs: calls.append(layer.name) or real(ctx, sp, layer, jobs))
+    again = sweep(tiny, digits, preprocess, config=SweepConfig(clusters=CLUSTERS, batch_size=64), out_dir=tmp_path / "sweep")
+    assert "conv" not in calls and len(calls) == len(labelless.list_layers(tiny)) - 1
+    assert [(r.layer, r.tensor, r.k, r.bytes) for r in again.rows] == [(r.layer, r.tensor, r.k, r.bytes) for r in swept.rows]
+    for a, b in zip(again.rows, swept.rows):
+        assert a.agreement == pytest.approx(b.agreement) and a.kl == pytest.approx(b.kl, rel=1e-4, abs=1e-7)
+
+
+@pytest.mark.parametrize("budget", [1.0, 10.0])
+def test_searched_plan_meets_its_budget_when_evaluated(swept, tiny, digits, preprocess, budget):
+    reference = prepare_reference(tiny, digits, preprocess, None, 64, torch.device("cpu"))
+    found = search(swept, make_evaluator(reference), max_drop=budget)
+    assert found.best.measured_drop <= budget
+    q = labelless.quantize(tiny, found.best.plan())
+    drop = 100 - agreement(predict(q, digits, preprocess), predict(tiny, digits, preprocess))
+    assert drop == pytest.approx(found.best.measured_drop, abs=1e-6) and drop <= budget
+    assert found.best.bytes < swept.reference["fp32_bytes"]
+    sizes = [c.bytes for c in found.alternatives]
+    assert sizes == sorted(sizes) and found.best in found.alternatives
