@@ -40,7 +40,9 @@ def pack(indices: np.ndarray, bits: int) -> np.ndarray:
 def unpack(data: np.ndarray, bits: int, n_values: int, n_clusters: int, dtype: type) -> np.ndarray:
     """Inverse of :func:`pack`; rejects data whose size or values do not fit."""
     if not (isinstance(bits, int) and 0 <= bits <= 32 and data.dtype == np.uint8 and data.ndim == 1):
-        raise FileFormatError(f"index data of {bits!r} bits, {data.dtype} {data.shape}, cannot be unpacked: the file is corrupt")
+        raise FileFormatError(
+            f"index data of {bits!r} bits, {data.dtype} {data.shape}, cannot be unpacked: the file is corrupt"
+        )
     if data.size != packed_size(n_values, bits):
         raise FileFormatError(
             f"index data has {data.size} bytes, expected {packed_size(n_values, bits)} for "
@@ -116,7 +118,9 @@ def ans_decode(data: np.ndarray, counts: np.ndarray, n_values: int, dtype: type)
 
     _check_counts(counts, n_values)
     if data.dtype != np.uint8 or data.ndim != 1 or data.size % 4:
-        raise FileFormatError(f"ANS data has {data.size} bytes, not a whole number of 32-bit words: the file is corrupt")
+        raise FileFormatError(
+            f"ANS data has {data.size} bytes, not a whole number of 32-bit words: the file is corrupt"
+        )
     try:
         coder = constriction.stream.stack.AnsCoder(np.ascontiguousarray(data).view(np.uint32))
         decoded = coder.decode(_model(counts), n_values)

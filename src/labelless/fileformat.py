@@ -17,12 +17,16 @@ Layout (format version 1)::
                           "codebook_dtype"} | {"kind": "dense", "shape", "dtype", "stored_dtype"}},
       "aliases": {<key>: <key it shares storage with>},
       "fp32_bytes": size of the model's fp32 state_dict saved as safetensors,
-      "checksum": {"algorithm": "sha256", "tensors": hex}  # over names, dtypes, shapes, bytes
+      "checksum": {"algorithm": "sha256",
+                   "tensors": hex,   # over tensor names, dtypes, shapes and bytes
+                   "header": hex}    # over this header without "checksum", sorted-key JSON
     }
 
 Reading validates everything before building anything: sizes, types, limits, the checksum,
 index ranges, and the architecture's shapes (built on the meta device first, so a lying
-header cannot make it allocate a huge model).
+header cannot make it allocate a huge model). The checksums cover the tensors and the JSON
+header; the header is also checked field by field and against the model it names; every failure is a
+:class:`FileFormatError` (bench/fuzz_lless.py and tests/test_fileformat_fuzz.py attack it).
 """
 
 from __future__ import annotations
@@ -123,8 +127,8 @@ def save(
         "tensors": entries,
         "aliases": aliases,
         "fp32_bytes": fp32_safetensors_bytes(model),
-        "checksum": {"algorithm": "sha256", "tensors": _digest(tensors)},
     }
+    header["checksum"] = {"algorithm": "sha256", "tensors": _digest(tensors), "header": _header_digest(header)}
     with atomic_path(path) as tmp:
         safetensors.torch.save_file(tensors, str(tmp), metadata={FORMAT: json.dumps(header)})
     return inspect(path)
@@ -203,6 +207,12 @@ def _dtype_name(dtype: torch.dtype) -> str:
     raise LabellessError(f"labelless cannot store tensors of dtype {dtype}")
 
 
+def _header_digest(header: dict[str, Any]) -> str:
+    """sha256 of the header without its checksum, as sorted-key compact JSON."""
+    body = {k: v for k, v in header.items() if k != "checksum"}
+    return hashlib.sha256(json.dumps(body, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
+
+
 def _digest(tensors: dict[str, torch.Tensor]) -> str:
     sha = hashlib.sha256()
     for name in sorted(tensors):
@@ -273,7 +283,7 @@ def read(path: str | Path) -> LlessFile:
     except Exception as exc:  # safetensors raises its own error types
         raise FileFormatError(f"{path}: the tensor data is unreadable ({_short(exc)})") from None
     _validate_tensors(header, tensors, path)
-    if _digest(tensors) != header["checksum"]["tensors"]:
+    if _digest(tensors) != header["checksum"]["tensors"] or _header_digest(header) != header["checksum"]["header"]:
         raise FileFormatError(f"{path}: checksum mismatch: the file is corrupted; write it again")
     stored = _stored_bytes(header, tensors)
     return LlessFile(path, header, tensors, len(data), 8 + header_len, stored)
@@ -337,6 +347,7 @@ def _check_header(header: Any) -> None:
     _expect(_is_count(header.get("fp32_bytes")), "bad fp32_bytes")
     _expect(header["checksum"].get("algorithm") == "sha256", "the checksum is not sha256")
     _expect(_is_hex_digest(header["checksum"].get("tensors")), "the header has no sha256 checksum")
+    _expect(_is_hex_digest(header["checksum"].get("header")), "the header has no sha256 checksum of itself")
     _expect(len(header["tensors"]) + len(header["aliases"]) <= MAX_TENSORS, "too many tensors")
     for key, entry in header["tensors"].items():
         _check_entry(key, entry)
@@ -401,7 +412,8 @@ def _check_quantized_entry(key: str, entry: dict, n_values: int) -> None:
     _expect(_is_count(k) and 1 <= k <= MAX_CLUSTERS, f"tensor {_quote(key)} has a bad number of centroids")
     _expect(_is_count(bits) and bits == coding.index_bits(k), f"tensor {_quote(key)}: bits do not match its centroids")
     _expect(_is_one_of(entry.get("coding"), _CODINGS), f"tensor {_quote(key)} has an unknown index coding")
-    _expect(_is_one_of(entry.get("codebook_dtype"), ("float32", "float16")), f"tensor {_quote(key)}: bad codebook dtype")
+    _expect(_is_one_of(entry.get("codebook_dtype"), ("float32", "float16")),
+            f"tensor {_quote(key)}: bad codebook dtype")
     _expect(k <= max(1, n_values), f"tensor {_quote(key)} has more centroids than values")
 
 

@@ -57,7 +57,7 @@ class FileSizer:
             else:
                 entries[key] = self._quantized(key, tensor, k, shapes)
         header = dict(self.fixed, plan=plan, tensors=entries, aliases=self.aliases, fp32_bytes=self.fp32_bytes,
-                      checksum={"algorithm": "sha256", "tensors": "0" * 64})
+                      checksum={"algorithm": "sha256", "tensors": "0" * 64, "header": "0" * 64})
         return safetensors_size(shapes, metadata={FORMAT: json.dumps(header)})
 
     def _dense(self, key: str, tensor: torch.Tensor, shapes: dict) -> dict:
