@@ -18,6 +18,7 @@ from .errors import FileFormatError
 __all__ = ["index_bits", "packed_size", "pack", "unpack", "ans_encode", "ans_decode"]
 
 _CHUNK = 1 << 16  # values per parallel chunk; a multiple of 8, so chunks start on bytes
+_PARALLEL_FROM = 1 << 22  # values; below this, packing runs on one thread
 
 
 def index_bits(n_clusters: int) -> int:
@@ -54,47 +55,85 @@ def unpack(data: np.ndarray, bits: int, n_values: int, n_clusters: int, dtype: t
     return out
 
 
-@nb.njit(cache=True, nogil=True, parallel=True)
-def _pack(values, bits, out):
-    n_chunks = (values.size + _CHUNK - 1) // _CHUNK
-    for c in nb.prange(n_chunks):
-        start = c * _CHUNK
-        o = start * bits // 8
-        acc = np.uint64(0)
-        filled = 0
-        for p in range(start, min(values.size, start + _CHUNK)):
-            acc |= np.uint64(values[p]) << np.uint64(filled)
-            filled += bits
-            while filled >= 8:
-                out[o] = np.uint8(acc & np.uint64(0xFF))
-                o += 1
-                acc >>= np.uint64(8)
-                filled -= 8
-        if filled > 0:
+@nb.njit(cache=True, nogil=True, inline="always")
+def _pack_chunk(values, bits, out, c):
+    start = c * _CHUNK
+    o = start * bits // 8
+    acc = np.uint64(0)
+    filled = 0
+    for p in range(start, min(values.size, start + _CHUNK)):
+        acc |= np.uint64(values[p]) << np.uint64(filled)
+        filled += bits
+        while filled >= 8:
             out[o] = np.uint8(acc & np.uint64(0xFF))
+            o += 1
+            acc >>= np.uint64(8)
+            filled -= 8
+    if filled > 0:
+        out[o] = np.uint8(acc & np.uint64(0xFF))
+
+
+@nb.njit(cache=True, nogil=True, inline="always")
+def _unpack_chunk(data, bits, out, c):
+    # Returns the largest index in chunk c, to check it against k.
+    mask = np.uint64((1 << bits) - 1)
+    start = c * _CHUNK
+    i = start * bits // 8
+    acc = np.uint64(0)
+    filled = 0
+    largest = 0
+    for p in range(start, min(out.size, start + _CHUNK)):
+        while filled < bits:
+            acc |= np.uint64(data[i]) << np.uint64(filled)
+            i += 1
+            filled += 8
+        value = acc & mask
+        acc >>= np.uint64(bits)
+        filled -= bits
+        out[p] = value
+        largest = max(largest, np.int64(value))
+    return largest
+
+
+# Chunks run in parallel for large tensors; for small ones starting threads costs more
+# than the work (and much more on a busy machine), so they run serially.
 
 
 @nb.njit(cache=True, nogil=True, parallel=True)
-def _unpack(data, bits, out):
+def _pack_parallel(values, bits, out):
+    for c in nb.prange((values.size + _CHUNK - 1) // _CHUNK):
+        _pack_chunk(values, bits, out, c)
+
+
+@nb.njit(cache=True, nogil=True)
+def _pack_serial(values, bits, out):
+    for c in range((values.size + _CHUNK - 1) // _CHUNK):
+        _pack_chunk(values, bits, out, c)
+
+
+@nb.njit(cache=True, nogil=True, parallel=True)
+def _unpack_parallel(data, bits, out):
     n_chunks = (out.size + _CHUNK - 1) // _CHUNK
-    mask = np.uint64((1 << bits) - 1)
     largest = np.zeros(n_chunks, np.int64)
     for c in nb.prange(n_chunks):
-        start = c * _CHUNK
-        i = start * bits // 8
-        acc = np.uint64(0)
-        filled = 0
-        for p in range(start, min(out.size, start + _CHUNK)):
-            while filled < bits:
-                acc |= np.uint64(data[i]) << np.uint64(filled)
-                i += 1
-                filled += 8
-            value = acc & mask
-            acc >>= np.uint64(bits)
-            filled -= bits
-            out[p] = value
-            largest[c] = max(largest[c], np.int64(value))
+        largest[c] = _unpack_chunk(data, bits, out, c)
     return largest.max() if n_chunks else 0
+
+
+@nb.njit(cache=True, nogil=True)
+def _unpack_serial(data, bits, out):
+    largest = 0
+    for c in range((out.size + _CHUNK - 1) // _CHUNK):
+        largest = max(largest, _unpack_chunk(data, bits, out, c))
+    return largest
+
+
+def _pack(values: np.ndarray, bits: int, out: np.ndarray) -> None:
+    (_pack_parallel if values.size > _PARALLEL_FROM else _pack_serial)(values, bits, out)
+
+
+def _unpack(data: np.ndarray, bits: int, out: np.ndarray) -> int:
+    return (_unpack_parallel if out.size > _PARALLEL_FROM else _unpack_serial)(data, bits, out)
 
 
 def _model(counts: np.ndarray):

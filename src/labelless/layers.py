@@ -87,13 +87,14 @@ def _forward_order(model: nn.Module, example_input: torch.Tensor | None, names: 
     spec = getattr(model, "labelless_spec", None)
     if example_input is None and spec is None:
         return names
-    if example_input is None:
-        from .models import build_model
+    if example_input is not None:
+        return _trace(model, example_input)
+    from .models import build_model
 
-        tracer, example_input = build_model(spec, device="meta"), spec.example_input(device="meta")
-    else:
-        tracer = model
-    return _trace(tracer, example_input)
+    try:  # on the meta device: no memory, no compute
+        return _trace(build_model(spec, device="meta"), spec.example_input(device="meta"))
+    except Exception:  # some constructors (regnet) compute on tensors: trace a real copy
+        return _trace(build_model(spec), spec.example_input())
 
 
 def _trace(model: nn.Module, example_input: torch.Tensor) -> list[str]:

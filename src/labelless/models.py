@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import math
 import pickle
 import re
 from dataclasses import dataclass
@@ -102,15 +103,22 @@ class ModelSpec:
         if not isinstance(data.get("name"), str):
             raise ModelError("an architecture needs a model name")
         for field in ("mean", "std"):
-            if field in data and not isinstance(data[field], (list, tuple)):
-                raise ModelError(f"architecture field {field!r} must be a list of numbers")
+            values = data.get(field, ())
+            if not isinstance(values, (list, tuple)) or not all(_finite_number(v) for v in values):
+                raise ModelError(f"architecture field {field!r} must be a list of finite numbers")
+        if not isinstance(data.get("small_input", False), bool):
+            raise ModelError("architecture field 'small_input' must be true or false")
         try:
             return cls(**data)
-        except TypeError as exc:
+        except (TypeError, ValueError, OverflowError) as exc:
             raise ModelError(f"bad architecture fields: {exc}") from None
 
     def example_input(self, batch: int = 1, device: str | torch.device = "cpu") -> torch.Tensor:
         return torch.zeros(batch, self.in_channels, self.image_size, self.image_size, device=device)
+
+
+def _finite_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
 
 
 def _check_int(name: str, value: Any, low: int, high: int) -> None:
