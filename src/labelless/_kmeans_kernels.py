@@ -4,7 +4,7 @@ A value's *key* is the top 19 bits of its float32 pattern (sign, exponent, 10 ma
 bits) mapped to an unsigned integer in value order: a key is an interval of values whose
 width is about 2^-10 of their magnitude. Keys give a cheap density estimate; each key is
 then split into ``n_sub`` equal *fine buckets*, many where optimal clusters will be narrow,
-few where they will be wide (see ``kmeans._bucket_layout``). Fine buckets are in value
+few where they will be wide (see ``kmeans._Compander``). Fine buckets are in value
 order, which is what the exact 1-D dynamic programme needs.
 """
 
@@ -13,9 +13,9 @@ from __future__ import annotations
 import numba as nb
 import numpy as np
 
-MANTISSA_BITS = 10
+MANTISSA_BITS = 7
 KEY_SHIFT = 23 - MANTISSA_BITS
-N_KEYS = 1 << (32 - KEY_SHIFT)  # sign + 8 exponent + 10 mantissa bits
+N_KEYS = 1 << (32 - KEY_SHIFT)  # sign + 8 exponent + 7 mantissa bits
 
 
 LOW_MASK = (1 << KEY_SHIFT) - 1
@@ -197,3 +197,50 @@ def lloyd_sorted(rep, weight, wsum, centroids, max_steps):
         if not changed:
             break
     return centroids, assignment, total_w
+
+
+@nb.njit(cache=True, nogil=True)
+def refine_starts(weights, sums, lo, hi):
+    """Exact k-means with each cluster start ``m >= 1`` restricted to ``[lo[m], hi[m]]``.
+
+    The windows come from a solution on merged points; solving again on the full points
+    inside them moves every boundary to its best place nearby. Returns the starts, or the
+    ``lo`` array unchanged if the windows admit no solution (cannot happen for windows
+    around a valid solution).
+    """
+    n, k = weights.size, lo.size
+    prefix_w = np.zeros(n + 1)
+    prefix_s = np.zeros(n + 1)
+    for i in range(n):
+        prefix_w[i + 1] = prefix_w[i] + weights[i]
+        prefix_s[i + 1] = prefix_s[i] + sums[i]
+    width = np.int64(0)
+    for m in range(k):
+        width = max(width, hi[m] - lo[m] + 1)
+    best = np.full((k, width), np.inf)
+    back = np.zeros((k, width), np.int64)
+    for c in range(lo[1], hi[1] + 1):  # first cluster: points 0 .. c-1
+        s = prefix_s[c]
+        best[1, c - lo[1]] = -s * s / prefix_w[c]
+    for m in range(2, k):
+        for c in range(lo[m], hi[m] + 1):
+            for p in range(lo[m - 1], min(hi[m - 1], c - 1) + 1):
+                s = prefix_s[c] - prefix_s[p]
+                v = best[m - 1, p - lo[m - 1]] - s * s / (prefix_w[c] - prefix_w[p])
+                if v < best[m, c - lo[m]]:
+                    best[m, c - lo[m]] = v
+                    back[m, c - lo[m]] = p
+    final, arg = np.inf, -1
+    for p in range(lo[k - 1], hi[k - 1] + 1):  # last cluster: points p .. n-1
+        s = prefix_s[n] - prefix_s[p]
+        v = best[k - 1, p - lo[k - 1]] - s * s / (prefix_w[n] - prefix_w[p])
+        if v < final:
+            final, arg = v, p
+    starts = lo.copy()
+    if arg < 0:
+        return starts
+    starts[0] = 0
+    for m in range(k - 1, 0, -1):
+        starts[m] = arg
+        arg = back[m, arg - lo[m]]
+    return starts
