@@ -11,6 +11,7 @@ from typing import Any, TypeVar
 import yaml
 
 from .errors import LabellessError
+from .io import check_input_file
 
 __all__ = ["from_mapping", "to_mapping", "load_yaml"]
 
@@ -31,7 +32,7 @@ def from_mapping(cls: type[T], data: Any, where: str = "config") -> T:
     values = {name: _convert(hints[name], value, f"{where}.{name}") for name, value in data.items()}
     try:
         return cls(**values)
-    except TypeError as exc:
+    except (TypeError, ValueError) as exc:  # LabellessError is a ValueError: say where it came from
         raise LabellessError(f"{where}: {exc}") from None
 
 
@@ -95,9 +96,7 @@ def to_mapping(config: Any) -> dict[str, Any]:
 
 
 def load_yaml(path: str | Path) -> Any:
-    path = Path(path)
-    if not path.is_file():
-        raise LabellessError(f"config file {str(path)!r} does not exist")
+    path = check_input_file(path, "config file")
     try:
         return yaml.safe_load(path.read_text())
     except (yaml.YAMLError, UnicodeDecodeError) as exc:

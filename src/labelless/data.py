@@ -40,9 +40,11 @@ from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset
 
 from .errors import DataError
+from .io import check_input_file
 from .progress import progress
 
-__all__ = ["ImageSet", "Preprocess", "open_images", "loader", "describe", "SPEC_FORMS", "IMAGE_SUFFIXES"]
+__all__ = ["ImageSet", "Preprocess", "open_images", "check_spec", "loader", "describe", "SPEC_FORMS",
+           "IMAGE_SUFFIXES"]
 
 log = logging.getLogger(__name__)
 
@@ -74,6 +76,8 @@ class _Decoder:
         try:
             with Image.open(path) as img:
                 array = np.array(_fit_image(_convert(img, self.channels), self.size), dtype=np.uint8)
+        except PermissionError as exc:
+            raise _unreadable(path, exc) from None
         except _DECODE_ERRORS as exc:
             raise DataError(f"cannot decode {str(path)!r} ({exc}): remove or convert that file") from None
         image = torch.from_numpy(array)  # (H, W) or (H, W, 3)
@@ -226,6 +230,22 @@ def describe(spec: str) -> str:
         "npz": f"image arrays in the numpy archive {path}",
     }
     return text[kind]
+
+
+def check_spec(spec: str) -> None:
+    """Raise :class:`DataError` unless ``spec`` is well formed and any path it names exists,
+    without reading an image (to fail at once, not after an hour of training).
+
+    Example:
+        >>> check_spec("images:~/no-such-folder")
+        Traceback (most recent call last):
+        labelless.errors.DataError: folder '/home/me/no-such-folder' does not exist: ...
+    """
+    kind, path = _parse(spec)
+    if kind == "npz":
+        check_input_file(path, "npz file", DataError)
+    elif path is not None:
+        _check_folder(path)
 
 
 def _check_options(split: str, size: int | None, channels: int | None, limit: int | None) -> None:
@@ -506,8 +526,7 @@ def _keys(split: str, *names: str) -> list[str]:
 
 
 def _read_npz(path: Path, split: str) -> _Source:
-    if not path.is_file():
-        raise DataError(f"npz file {str(path)!r} does not exist: give the path of a .npz archive")
+    check_input_file(path, "npz file", DataError)
     try:
         with np.load(path, allow_pickle=False) as archive:
             if not isinstance(archive, np.lib.npyio.NpzFile):
@@ -578,11 +597,24 @@ def _npz_labels(array: np.ndarray, n: int, path: Path, key: str) -> Tensor:
 
 
 def _check_folder(path: Path) -> Path:
-    if not path.exists():
-        raise DataError(f"folder {str(path)!r} does not exist: give the path of a folder of images")
-    if not path.is_dir():
-        raise DataError(f"{str(path)!r} is not a folder: use npz:PATH for an .npz file, or give its folder")
+    try:
+        if not path.exists():
+            raise DataError(f"folder {str(path)!r} does not exist: give the path of a folder of images")
+        if not path.is_dir():
+            raise DataError(f"{str(path)!r} is not a folder: use npz:PATH for an .npz file, or give its folder")
+        os.listdir(path)
+    except OSError as exc:
+        raise _unreadable(path, exc) from None
     return path
+
+
+def _unreadable(path: str | Path, exc: OSError) -> DataError:
+    why = "permission denied" if isinstance(exc, PermissionError) else (exc.strerror or str(exc))
+    return DataError(f"cannot read {str(path)!r} ({why}): make it readable (chmod -R +rX) or point at another folder")
+
+
+def _raise_unreadable(exc: OSError) -> None:
+    raise _unreadable(exc.filename, exc)
 
 
 def _split_folder(root: Path, split: str) -> Path:
@@ -596,7 +628,7 @@ def _split_folder(root: Path, split: str) -> Path:
 def _image_files(folder: Path) -> list[Path]:
     """Image files under ``folder`` (recursively, hidden names skipped), in sorted path order."""
     found = []
-    for parent, dirs, names in os.walk(folder, followlinks=True):
+    for parent, dirs, names in os.walk(folder, onerror=_raise_unreadable, followlinks=True):
         dirs[:] = sorted(d for d in dirs if not d.startswith("."))
         found += [Path(parent) / n for n in names if not n.startswith(".") and n.lower().endswith(IMAGE_SUFFIXES)]
     return sorted(found)
@@ -613,7 +645,10 @@ def _read_images(path: Path, split: str) -> _Source:
 
 def _read_imagefolder(path: Path, split: str) -> _Source:
     root = _split_folder(_check_folder(path), split)
-    classes = sorted(d.name for d in root.iterdir() if d.is_dir() and not d.name.startswith("."))
+    try:
+        classes = sorted(d.name for d in root.iterdir() if d.is_dir() and not d.name.startswith("."))
+    except OSError as exc:
+        raise _unreadable(root, exc) from None
     if not classes:
         raise DataError(f"{str(root)!r} has no class subfolders: put each class in its own subfolder, "
                         f"or use images:{root} for unlabelled images")
@@ -650,6 +685,8 @@ def _header(path: Path) -> tuple[tuple[int, int], str]:
     try:
         with Image.open(path) as img:
             return img.size, img.mode
+    except PermissionError as exc:
+        raise _unreadable(path, exc) from None
     except _DECODE_ERRORS as exc:
         raise DataError(f"cannot decode {str(path)!r} ({exc}): remove or convert that file") from None
 

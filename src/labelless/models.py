@@ -7,6 +7,7 @@ it (classes, input channels, a small-input stem for 28-32 px images); it is what
 
 from __future__ import annotations
 
+import collections
 import dataclasses
 import logging
 import math
@@ -21,6 +22,7 @@ import torchvision
 from torch import nn
 
 from .errors import ModelError
+from .io import check_input_file
 
 __all__ = [
     "ModelSpec",
@@ -28,6 +30,8 @@ __all__ = [
     "build_model",
     "load_state_dict_file",
     "load_weights",
+    "check_input_size",
+    "check_finite",
     "IMAGENET_MEAN",
     "IMAGENET_STD",
 ]
@@ -152,6 +156,35 @@ def build_model(spec: ModelSpec, device: str | torch.device | None = None) -> nn
     return model
 
 
+_TOO_SMALL = ("too small", "Kernel size can't be greater")
+
+
+def check_input_size(spec: ModelSpec) -> None:
+    """Raise :class:`ModelError` if ``spec.image_size`` is too small for the network's pooling.
+
+    Runs the model on the meta device (no memory, no compute); a model that cannot be built or
+    run there is not checked.
+
+    Example:
+        >>> check_input_size(ModelSpec("vgg16", image_size=16))
+        Traceback (most recent call last):
+        labelless.errors.ModelError: vgg16 cannot take 16x16 input ...
+    """
+    try:
+        model = build_model(spec, device="meta").eval()
+        with torch.no_grad():
+            model(spec.example_input(device="meta"))
+    except RuntimeError as exc:
+        if any(text in str(exc) for text in _TOO_SMALL):
+            size = spec.image_size
+            stem = not (spec.small_input or spec.name.startswith(_NO_SMALL_INPUT + ("vgg",)))
+            hint = " or add --small-input" if stem else ""
+            raise ModelError(f"{spec.name} cannot take {size}x{size} input ({_first_line(exc)}): "
+                             f"give a larger --image-size{hint}") from None
+    except Exception:  # noqa: BLE001 - a model that cannot run on meta is left to fail later, clearly
+        return
+
+
 def _first_conv(model: nn.Module) -> tuple[nn.Module, str, nn.Conv2d]:
     for fqn, module in model.named_modules():
         for child_name, child in module.named_children():
@@ -203,9 +236,7 @@ def load_state_dict_file(path: str | Path) -> dict[str, torch.Tensor]:
 
     The usual wrappers are unwrapped: a ``state_dict``/``model`` key, a ``module.`` prefix.
     """
-    path = Path(path)
-    if not path.is_file():
-        raise ModelError(f"weights file {str(path)!r} does not exist: give the path of a checkpoint")
+    path = check_input_file(path, "weights file", ModelError)
     if path.suffix == ".safetensors":
         state = _read_safetensors(path)
     else:
@@ -226,6 +257,9 @@ def _read_torch(path: Path) -> Any:
     try:
         return torch.load(str(path), map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as exc:
+        if "global" not in str(exc).lower():  # not code being refused: bytes that are no checkpoint
+            raise ModelError(f"{path}: not a readable PyTorch checkpoint (corrupted, or not a checkpoint at all): "
+                             "give a .pt/.pth state_dict or a .safetensors file") from None
         raise ModelError(
             f"{path}: refused to load: it holds pickled objects beyond plain tensors, and "
             "labelless never runs code from a checkpoint; re-save it as model.state_dict() "
@@ -262,8 +296,30 @@ def load_weights(model: nn.Module, path: str | Path) -> nn.Module:
     """Load a checkpoint into ``model`` in place, with a clear error on any mismatch."""
     state = load_state_dict_file(path)
     check_state_dict(model, state, source=str(path))
-    model.load_state_dict(state, strict=True)
+    check_finite(state, source=str(path))
+    model.load_state_dict(_with_metadata(state, model), strict=True)
     return model
+
+
+def _with_metadata(state: dict[str, torch.Tensor], model: nn.Module) -> dict[str, torch.Tensor]:
+    """``state`` carrying the model's per-module ``_metadata`` (versions), which safetensors and
+    unwrapping drop; some modules (torchvision's MNASNet) refuse a state_dict without it."""
+    if getattr(state, "_metadata", None) is not None:
+        return state
+    with_metadata = collections.OrderedDict(state)
+    with_metadata._metadata = getattr(model.state_dict(), "_metadata", None)  # type: ignore[attr-defined]
+    return with_metadata
+
+
+def check_finite(state: dict[str, torch.Tensor], source: str) -> None:
+    """Raise :class:`ModelError` naming the first floating-point tensor with a NaN or an infinity."""
+    for key, value in state.items():
+        if value.is_floating_point() and not bool(torch.isfinite(value).all()):
+            n_bad = int((~torch.isfinite(value)).sum())
+            raise ModelError(
+                f"{source}: {key} holds {n_bad} NaN or infinite value(s): the checkpoint is broken "
+                "(training diverged?); use an earlier checkpoint or retrain the model"
+            )
 
 
 def check_state_dict(model: nn.Module, state: dict[str, torch.Tensor], source: str) -> None:

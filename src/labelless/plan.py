@@ -23,6 +23,7 @@ from typing import Any, Iterable
 import yaml
 
 from .errors import PlanError
+from .io import check_input_file
 from .layers import QUANTIZABLE_TYPES, LayerInfo
 
 __all__ = ["Plan", "Rule", "LayerSetting", "load_plan"]
@@ -171,9 +172,7 @@ def load_plan(source: str | Path | list | dict | Plan) -> Plan:
         return source
     if isinstance(source, (list, dict)):
         return Plan.from_data(source)
-    path = Path(source)
-    if not path.is_file():
-        raise PlanError(f"plan file {str(path)!r} does not exist")
+    path = check_input_file(source, "plan file", PlanError)
     try:
         data = yaml.safe_load(path.read_text())
     except (yaml.YAMLError, UnicodeDecodeError) as exc:

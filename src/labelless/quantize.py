@@ -18,13 +18,15 @@ import numpy as np
 import torch
 from torch import nn
 
-from .errors import PlanError
+from .errors import ModelError, PlanError
 from .kmeans import cluster
 from .layers import QUANTIZABLE_TYPES, list_layers
 from .plan import LayerSetting, Plan, load_plan
 from .progress import progress
 
-__all__ = ["quantize", "dequantize", "quantized_tensors", "QuantizedTensor", "install", "decode"]
+__all__ = [
+    "quantize", "dequantize", "quantized_tensors", "QuantizedTensor", "install", "decode", "unquantized_parameters"
+]
 
 log = logging.getLogger(__name__)
 
@@ -78,6 +80,9 @@ def quantize(
             f"{', '.join(t.__name__ for t in QUANTIZABLE_TYPES)}"
         )
     settings = plan.resolve(layers, _other_modules(target))
+    if not settings:
+        raise PlanError("the plan quantizes nothing: its rules leave every layer at full precision (null); "
+                        "give some layer a number of centroids, e.g. {layers: '*', weights: 16}")
     modules = dict(target.named_modules())
     jobs = _jobs(modules, settings)
     for fqn, name, n_clusters in progress(jobs, desc="quantize", unit="tensor"):
@@ -115,11 +120,11 @@ def _jobs(modules: dict[str, nn.Module], settings: dict[str, LayerSetting]) -> l
 def _quantize_parameter(model: nn.Module, module: nn.Module, fqn: str, name: str, n_clusters: int) -> None:
     param = getattr(module, name)
     values = param.detach()
+    key = f"{fqn}.{name}" if fqn else name
+    _check_finite(values, key)
     if n_clusters > values.numel():
-        log.warning(
-            "%s.%s: %d centroids asked for but it has only %d values; using %d",
-            fqn, name, n_clusters, values.numel(), values.numel(),
-        )
+        log.warning("%s: %d centroids asked for but it has only %d values; using %d (each value kept exactly)",
+                    key, n_clusters, values.numel(), values.numel())
         n_clusters = values.numel()
     flat = np.ascontiguousarray(values.reshape(-1).to("cpu", torch.float32).numpy())
     centroids, indices = cluster(flat, n_clusters, None, _index_dtype(n_clusters))
@@ -127,6 +132,20 @@ def _quantize_parameter(model: nn.Module, module: nn.Module, fqn: str, name: str
     indices_t = torch.from_numpy(indices).view(values.shape).to(values.device)
     for owner, owner_name in _owners(model, param):
         install(owner, owner_name, centroids_t, indices_t)
+
+
+def _check_finite(values: torch.Tensor, key: str) -> None:
+    n_bad = int((~torch.isfinite(values)).sum())
+    if n_bad:
+        raise ModelError(f"{key} holds {n_bad} NaN or infinite value(s) of {values.numel()}: k-means needs finite "
+                         "weights; fix the model (an earlier checkpoint, or retrain it) before quantizing")
+
+
+def unquantized_parameters(model: nn.Module) -> list[nn.Parameter]:
+    """The parameters of ``model`` that are not codebooks of quantized tensors: what retraining
+    can train without ``tune_centroids`` (empty when every parameter is quantized)."""
+    centroids = {id(qt.centroids) for qt in quantized_tensors(model).values()}
+    return [param for param in model.parameters() if id(param) not in centroids]
 
 
 def _owners(model: nn.Module, param: torch.Tensor) -> Iterable[tuple[nn.Module, str]]:

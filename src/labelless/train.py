@@ -7,6 +7,7 @@ and the benchmarks have a teacher when no pretrained weights can be downloaded.
 from __future__ import annotations
 
 import logging
+import math
 import time
 from dataclasses import dataclass
 
@@ -57,7 +58,7 @@ def train_classifier(
     generator = torch.Generator().manual_seed(config.seed)
     steps = config.epochs * (len(labels) // min(config.batch_size, len(labels)))
     optimizer = torch.optim.AdamW(model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
-    schedule = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=config.lr, total_steps=steps, pct_start=0.25)
+    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: one_cycle(step, steps))
     start, loss_sum, seen = time.perf_counter(), 0.0, 0
     for batch in progress(_batches(len(labels), config, generator), desc="train", total=steps, unit="step"):
         x = preprocess(images[batch].to(device))
@@ -73,6 +74,19 @@ def train_classifier(
     seconds = time.perf_counter() - start
     model.eval()
     return {"loss": loss_sum / max(seen, 1), "seconds": seconds, "images_per_second": seen / seconds}
+
+
+def one_cycle(step: int, total: int, warmup: float = 0.25, floor: float = 0.04) -> float:
+    """Learning-rate factor: linear warm-up from ``floor`` to 1, then cosine down to ~0.
+
+    Defined for any number of steps, one included (torch's OneCycleLR divides by zero when
+    the warm-up is a single step).
+    """
+    rise = max(1, round(warmup * total))
+    if step < rise:
+        return floor + (1 - floor) * step / rise
+    fall = max(1, total - rise)
+    return 0.5 * (1 + math.cos(math.pi * min(1.0, (step - rise) / fall)))
 
 
 def _tensors(dataset) -> tuple[torch.Tensor, torch.Tensor]:

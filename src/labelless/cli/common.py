@@ -8,10 +8,12 @@ import sys
 from pathlib import Path
 from typing import Any
 
+import torch
 from torch import nn
 
+from ..errors import LabellessError
 from ..io import atomic_write_json
-from ..models import ModelSpec, build_model, load_weights
+from ..models import ModelSpec, build_model, check_input_size, load_weights
 
 
 def add_model_args(parser: argparse.ArgumentParser, weights: bool = True, required: bool = True) -> None:
@@ -48,7 +50,8 @@ def ints(text: str) -> tuple[int, ...]:
 
 
 def model_spec(args: argparse.Namespace) -> ModelSpec:
-    return ModelSpec(
+    """The model the flags describe; a clear error if it cannot take images of that size."""
+    spec = ModelSpec(
         args.model,
         num_classes=args.num_classes,
         in_channels=args.in_channels,
@@ -57,6 +60,23 @@ def model_spec(args: argparse.Namespace) -> ModelSpec:
         mean=args.mean,
         std=args.std,
     )
+    check_input_size(spec)
+    return spec
+
+
+def check_device(name: str | None) -> None:
+    """A clear error for a device torch does not know, or one this machine does not have."""
+    if name in (None, "auto"):
+        return
+    try:
+        device = torch.device(name)
+    except (RuntimeError, ValueError, TypeError):
+        raise LabellessError(f"unknown device {name!r}: use auto, cpu, cuda or cuda:N") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise LabellessError(f"device {name!r}: this machine has no usable CUDA GPU; use --device cpu (or auto)")
+    if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
+        raise LabellessError(f"device {name!r}: this machine has {torch.cuda.device_count()} GPU(s), "
+                             f"numbered from 0; choose one of them")
 
 
 def model_from_args(args: argparse.Namespace) -> nn.Module:

@@ -7,8 +7,9 @@ import logging
 
 import safetensors.torch
 
+from ..errors import FileFormatError
 from ..fileformat import load
-from ..io import atomic_path, check_output_dir
+from ..io import atomic_path, check_input_file, check_output_dir
 from ..quantize import dequantize
 
 log = logging.getLogger(__name__)
@@ -23,7 +24,7 @@ def add_parser(subparsers) -> None:
 
 def run(args: argparse.Namespace) -> int:
     check_output_dir(args.output)
-    dense = dequantize(load(args.file))
+    dense = dequantize(load(check_input_file(args.file, ".lless file", FileFormatError)))
     state = {key: value.detach().contiguous().clone() for key, value in dense.state_dict().items()}
     with atomic_path(args.output) as tmp:
         safetensors.torch.save_file(state, str(tmp))

@@ -5,7 +5,9 @@ from __future__ import annotations
 import argparse
 import logging
 
+from ..errors import FileFormatError
 from ..export import DEFAULT_OPSET, EXPORTERS, MAX_OPSET, export_onnx
+from ..io import check_input_file
 from ..report import human_bytes
 from .common import print_json
 
@@ -27,6 +29,7 @@ def add_parser(subparsers) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    check_input_file(args.file, ".lless file", FileFormatError)
     report = export_onnx(args.file, args.output, dense=args.dense, opset=args.opset, exporter=args.exporter)
     if args.json:
         print_json(report)

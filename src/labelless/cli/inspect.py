@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import argparse
 
+from ..errors import FileFormatError
 from ..fileformat import inspect
+from ..io import check_input_file
 from ..report import inspect_table
 from .common import print_json
 
@@ -17,7 +19,7 @@ def add_parser(subparsers) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    report = inspect(args.file)
+    report = inspect(check_input_file(args.file, ".lless file", FileFormatError))
     if args.json:
         print_json(report)
     else:

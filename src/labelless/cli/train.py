@@ -11,7 +11,7 @@ from ..data import Preprocess, open_images
 from ..evaluate import accuracy, predict_labeled, resolve_device
 from ..io import atomic_path, check_output_dir
 from ..train import TrainConfig, train_classifier
-from .common import add_device_args, add_model_args, model_spec, write_config
+from .common import add_device_args, add_model_args, check_device, model_spec, write_config
 
 log = logging.getLogger(__name__)
 
@@ -32,6 +32,7 @@ def run(args: argparse.Namespace) -> int:
     from ..models import build_model
 
     check_output_dir(args.output)
+    check_device(args.device)
     spec = model_spec(args)
     device = resolve_device(args.device)
     train = open_images(args.data, split="train", labeled=True, size=spec.image_size, channels=spec.in_channels,
