@@ -22,6 +22,7 @@ import torch
 import yaml
 from torch import nn
 
+from . import distributed
 from .config import from_mapping, to_mapping
 from .errors import LabellessError
 from .evaluate import accuracy, agreement, predict, predict_labeled, resolve_device
@@ -29,8 +30,8 @@ from .fileformat import load, save
 from .io import atomic_path, atomic_write_json, atomic_write_text
 from .models import ModelSpec, build_model, load_weights
 from .plan import load_plan
-from .quantize import quantize
-from .retrain import RetrainConfig, retrain, retrain_labeled
+from .quantize import quantize, unquantized_parameters
+from .retrain import NOTHING_TO_RETRAIN, RetrainConfig, retrain, retrain_labeled
 from .search import make_evaluator, search
 from .sensitivity import DEFAULT_CLUSTERS, SweepConfig, prepare_reference, sweep
 from .train import TrainConfig, train_classifier
@@ -55,24 +56,24 @@ class ModelSection:
 @dataclass(frozen=True)
 class TeacherSection:
     data: str = "fashion-mnist"  # labelled training data, train split
-    limit: int | None = None
-    train: TrainConfig = TrainConfig()
+    limit: int | None = 24000  # the demo trains on part of it to stay within minutes on a CPU
+    train: TrainConfig = TrainConfig(epochs=1)
 
 
 @dataclass(frozen=True)
 class DataSection:
     unlabeled: str = "mnist"  # the label-free retraining set (train split)
-    unlabeled_limit: int | None = None
+    unlabeled_limit: int | None = 2000
     test: str = "fashion-mnist"  # labelled evaluation set (test split)
-    test_limit: int | None = None
+    test_limit: int | None = 2000
     baseline: str = "fashion-mnist"  # labelled retraining set of the baseline (train split)
-    baseline_limit: int | None = 5000
+    baseline_limit: int | None = 2000
 
 
 @dataclass(frozen=True)
 class SweepSection:
-    clusters: tuple[int, ...] = DEFAULT_CLUSTERS
-    limit: int = 1000  # unlabelled images the sweep and search measure on
+    clusters: tuple[int, ...] = (1, 2, 4, 8, 16, 32)
+    limit: int = 256  # unlabelled images the sweep and search measure on
     batch_size: int = 256
     include_bias: bool = True
 
@@ -100,7 +101,7 @@ class RunConfig:
     data: DataSection = DataSection()
     sweep: SweepSection = SweepSection()
     search: SearchSection = SearchSection()
-    retrain: RetrainConfig = RetrainConfig()
+    retrain: RetrainConfig = RetrainConfig(epochs=2)
     baseline: bool = True  # also run conventional labelled retraining, for comparison
     storage: StorageSection = StorageSection()
     device: str = "auto"
@@ -135,11 +136,13 @@ def run_pipeline(config: RunConfig) -> dict[str, Any]:
     from .data import Preprocess
 
     out = Path(config.out)
-    out.mkdir(parents=True, exist_ok=True)
-    atomic_write_text(out / "config.yaml", yaml.safe_dump(to_mapping(config), sort_keys=False))
+    if distributed.is_main():  # under torchrun, rank 0 alone writes files
+        out.mkdir(parents=True, exist_ok=True)
+        atomic_write_text(out / "config.yaml", yaml.safe_dump(to_mapping(config), sort_keys=False))
     run = _Run(config, out, resolve_device(config.device))
     torch.manual_seed(config.seed)
     _stage(run, "teacher", _teacher)
+    distributed.broadcast_state(run.teacher)  # every rank goes on with rank 0's teacher
     preprocess = Preprocess.for_spec(run.spec).to(run.device)
     test = _open(config.data.test, "test", True, run.spec, config.data.test_limit, config.seed)
     run.report["original"] = _original(run, test, preprocess)
@@ -199,14 +202,17 @@ def _cached_teacher(run: _Run, train) -> nn.Module:
     path, meta = run.out / "teacher.safetensors", run.out / "teacher.json"
     identity = {"spec": run.spec.to_dict(), "teacher": to_mapping(run.config.teacher), "seed": run.config.seed}
     model = build_model(run.spec).to(run.device)
-    if path.is_file() and meta.is_file() and json.loads(meta.read_text()).get("identity") == identity:
+    saved = json.loads(meta.read_text()) if path.is_file() and meta.is_file() else {}
+    if saved.get("identity") == identity:
         log.info("reusing the teacher trained earlier in %s", path)
+        run.report["teacher_training"] = saved.get("training")  # as the run that trained it reported
         return load_weights(model, path).eval()
     stats = train_classifier(model, train, Preprocess.for_spec(run.spec).to(run.device),
                              config=run.config.teacher.train, device=run.device)
-    with atomic_path(path) as tmp:
-        safetensors.torch.save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(tmp))
-    atomic_write_json(meta, {"identity": identity, "training": stats})
+    if distributed.is_main():
+        with atomic_path(path) as tmp:
+            safetensors.torch.save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(tmp))
+        atomic_write_json(meta, {"identity": identity, "training": stats})
     run.report["teacher_training"] = stats
     return model.eval()
 
@@ -230,6 +236,12 @@ def _plan(run: _Run, preprocess):
                 "teacher": _fingerprint(run.teacher)}
     result = sweep(run.teacher, unlabeled, preprocess, config=sweep_config, out_dir=run.out / "sweep",
                    identity=identity, device=run.device)
+    return distributed.on_main(lambda: _search(run, result, unlabeled, preprocess))  # the others wait
+
+
+def _search(run: _Run, result, unlabeled, preprocess):
+    """Measure plans on the sweep's images (rank 0 alone) and write plan.yaml and search.json."""
+    section, cfg = run.config.search, run.config.sweep
     reference = prepare_reference(run.teacher, unlabeled, preprocess, None, cfg.batch_size, run.device)
     found = search(result, make_evaluator(reference, section.metric), max_drop=section.max_drop, metric=section.metric)
     plan = found.best.plan()
@@ -258,6 +270,8 @@ def _fingerprint(model: nn.Module) -> str:
 
 
 def _evaluate(run: _Run, model: nn.Module, test, preprocess, filename: str) -> dict[str, Any]:
+    if not distributed.is_main():  # rank 0 alone measures and writes
+        return {}
     storage = run.config.storage
     report = save(model, run.out / filename, entropy=storage.entropy,
                   codebook_dtype="float16" if storage.fp16_codebooks else "float32",
@@ -267,7 +281,21 @@ def _evaluate(run: _Run, model: nn.Module, test, preprocess, filename: str) -> d
             "bytes": report["total_bytes"], "file": filename}
 
 
+def _nothing_to_retrain(run: _Run, quantized: nn.Module, test, preprocess, filename: str) -> dict[str, Any] | None:
+    """The quantized model's figures, written as ``filename``, when retraining has nothing to train."""
+    if run.config.retrain.tune_centroids or unquantized_parameters(quantized):
+        return None
+    log.warning("%s: skipping retraining and writing the quantized model unchanged "
+                "(retrain.tune_centroids: true would learn the codebooks)", NOTHING_TO_RETRAIN)
+    figures = _evaluate(run, quantized, test, preprocess, filename)
+    return dict(figures, seconds=0.0, images_per_second=0.0, best_epoch=0, skipped=NOTHING_TO_RETRAIN)
+
+
 def _labelfree(run: _Run, quantized: nn.Module, test, preprocess) -> None:
+    skipped = _nothing_to_retrain(run, quantized, test, preprocess, "model.lless")
+    if skipped is not None:
+        run.report["retrained_labelfree"] = skipped
+        return
     data = run.config.data
     unlabeled = _open(data.unlabeled, "train", False, run.spec, data.unlabeled_limit, run.config.seed)
     result = retrain(copy.deepcopy(quantized), run.teacher, unlabeled.unlabeled(), preprocess,
@@ -280,6 +308,10 @@ def _labelfree(run: _Run, quantized: nn.Module, test, preprocess) -> None:
 
 
 def _labeled(run: _Run, quantized: nn.Module, test, preprocess) -> None:
+    skipped = _nothing_to_retrain(run, quantized, test, preprocess, "baseline.lless")
+    if skipped is not None:
+        run.report["retrained_labeled"] = skipped
+        return
     data = run.config.data
     labeled = _open(data.baseline, "train", True, run.spec, data.baseline_limit, run.config.seed)
     result = retrain_labeled(copy.deepcopy(quantized), labeled, preprocess, config=run.config.retrain,
@@ -293,6 +325,8 @@ def _labeled(run: _Run, quantized: nn.Module, test, preprocess) -> None:
 def _finish(run: _Run, plan) -> dict[str, Any]:
     from .report import run_markdown
 
+    if not distributed.is_main():
+        return distributed.broadcast_object(None)  # rank 0's report
     config = run.config
     report = run.report
     final = report.get("retrained_labelfree", report["quantized"])
@@ -307,4 +341,4 @@ def _finish(run: _Run, plan) -> dict[str, Any]:
     )
     atomic_write_json(run.out / "report.json", report)
     atomic_write_text(run.out / "report.md", run_markdown(report))
-    return report
+    return distributed.broadcast_object(report)

@@ -20,6 +20,13 @@ Defaults, and why:
 
 A checkpoint is written every epoch; a run killed midway resumes from its last one and
 ends with the same result as an uninterrupted run (deterministic under a seed on CPU).
+
+Under torchrun (:mod:`labelless.distributed`) the student is wrapped in
+DistributedDataParallel: every rank draws the same seeded order for an epoch and trains on its
+share of it, dealt as ``DistributedSampler`` deals (``batch_size`` images per rank and step);
+the teacher's logits and the held-out scores are computed a share per rank and gathered, so
+every rank sees the same numbers; rank 0 alone writes checkpoints, which hold the plain
+student's tensors and resume with any number of processes.
 """
 
 from __future__ import annotations
@@ -38,6 +45,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from . import distributed
 from .errors import LabellessError
 from .evaluate import agreement, autocast, kl_divergence
 from .io import atomic_path
@@ -47,6 +55,8 @@ from .quantize import quantized_tensors
 __all__ = ["RetrainConfig", "RetrainResult", "retrain", "retrain_labeled", "trainable_parameters"]
 
 log = logging.getLogger(__name__)
+
+NOTHING_TO_RETRAIN = "every parameter is quantized, so nothing is left to retrain"
 
 
 @dataclass(frozen=True)
@@ -162,11 +172,9 @@ class _Trainer:
         self.train_idx, self.hold_idx = _split(len(self.source), config.holdout, config.seed)
         self.params = trainable_parameters(self.student, config.tune_centroids)
         if not self.params:
-            raise LabellessError(
-                "every parameter is quantized, so nothing is left to retrain: "
-                "quantize fewer layers or pass --tune-centroids"
-            )
+            raise LabellessError(f"{NOTHING_TO_RETRAIN}: quantize fewer layers or pass --tune-centroids")
         self.optimizer = _optimizer(self.student, self.params, config)
+        self.model = distributed.wrap(self.student, self.device, broadcast_buffers=config.bn == "update")
         self.path = None if checkpoint_dir is None else Path(checkpoint_dir) / f"retrain-{self.kind}.ckpt"
         self.history: list[dict[str, float]] = []
 
@@ -206,18 +214,22 @@ class _Trainer:
 
     def _epoch(self, epoch: int, targets: torch.Tensor | None, weights: torch.Tensor | None) -> tuple[float, int]:
         generator = torch.Generator().manual_seed(self.config.seed * 1000 + epoch)
-        order = _order(self.train_idx, weights, generator)
+        order = distributed.sampler_shard(_order(self.train_idx, weights, generator))  # this rank's share
         self._set_modes()
         total, count = 0.0, 0
         for batch_idx in order.split(self.config.batch_size):
             loss = self._step(batch_idx, targets, generator)
+            if distributed.world_size() > 1:  # every rank sees the same mean, so all stop together
+                loss = distributed.mean(torch.tensor(loss, dtype=torch.float64, device=self.device)).item()
             if not math.isfinite(loss):
                 raise LabellessError(
                     f"the loss became {loss} in epoch {epoch}; the last good checkpoint is kept"
                     f"{f' in {self.path}' if self.path else ''}: try a lower --lr"
                 )
             total, count = total + loss * len(batch_idx), count + len(batch_idx)
-        return total / max(count, 1), count
+        if self.config.bn == "update":  # DDP gave every forward rank 0's statistics; the last too
+            distributed.broadcast_tensors(v for k, v in self.student.named_buffers() if _is_bn_statistic(k))
+        return total / max(count, 1), count * distributed.world_size()
 
     def _step(self, batch_idx: torch.Tensor, targets: torch.Tensor | None, generator: torch.Generator) -> float:
         images, labels = self.source.batch(batch_idx)
@@ -226,7 +238,7 @@ class _Trainer:
         if mixed:
             x = _cutmix(x, generator)
         with autocast(self.device, self.config.amp):
-            output = self.student(x).float()
+            output = self.model(x).float()
             if self.labeled:
                 loss = F.cross_entropy(output, labels.to(self.device))
             else:
@@ -249,26 +261,29 @@ class _Trainer:
             return self.teacher(x).float()
 
     def _set_modes(self) -> None:
-        self.student.train(self.config.bn == "update")
+        self.model.train(self.config.bn == "update")
 
     # -- reference outputs and scores ----------------------------------------------------
 
     @torch.no_grad()
     def _teacher_logits(self) -> torch.Tensor:
-        """The teacher's logits on every image, computed once (for balancing and caching)."""
+        """The teacher's logits on every image, computed once (for balancing and caching);
+        under torchrun each rank computes its block of the images and the blocks are gathered."""
+        mine = torch.arange(len(self.source))[distributed.block(len(self.source))]
         chunks = []
-        for batch_idx in progress(torch.arange(len(self.source)).split(256), desc="teacher outputs"):
+        for batch_idx in progress(mine.split(256), desc="teacher outputs"):
             chunks.append(self._teacher(self._input(self.source.batch(batch_idx)[0])).cpu())
-        return torch.cat(chunks)
+        return distributed.gather_blocks(_cat(chunks))
 
     @torch.no_grad()
     def _outputs(self, indices: torch.Tensor) -> torch.Tensor:
+        """The student's logits on ``indices``: each rank its block, gathered in order."""
         self.student.eval()
         chunks = []
-        for batch_idx in indices.split(256):
+        for batch_idx in indices[distributed.block(len(indices))].split(256):
             with autocast(self.device, self.config.amp):
                 chunks.append(self.student(self._input(self.source.batch(batch_idx)[0])).float().cpu())
-        return torch.cat(chunks)
+        return distributed.gather_blocks(_cat(chunks))
 
     def _holdout_reference(self, targets: torch.Tensor | None) -> torch.Tensor:
         if self.labeled:
@@ -287,31 +302,39 @@ class _Trainer:
         names = {id(p) for p in self.params}
         state = {k: v.detach().clone() for k, v in self.student.named_parameters() if id(v) in names}
         if self.config.bn == "update":
-            state.update({k: v.detach().clone() for k, v in self.student.named_buffers() if "running" in k or "num_batches" in k})
+            state.update({k: v.detach().clone() for k, v in self.student.named_buffers() if _is_bn_statistic(k)})
         return state
 
     def _resume(self, hold: torch.Tensor) -> dict[str, Any]:
+        """The last checkpoint of this very run if there is one (read by rank 0, sent to all)."""
         fresh = self._fresh_state(hold)
-        if self.path is None or not self.path.is_file():
-            return fresh
-        try:
-            saved = torch.load(self.path, map_location="cpu", weights_only=True)
-        except Exception as exc:
-            log.warning("ignoring unreadable checkpoint %s (%s)", self.path, type(exc).__name__)
-            return fresh
-        if saved.get("identity") != fresh["identity"] or saved.get("before") != fresh["before"]:
-            log.warning("checkpoint %s is from other settings: starting again", self.path)
+        saved = distributed.broadcast_object(self._load(fresh["identity"]) if distributed.is_main() else None)
+        if saved is None:
             return fresh
         self.student.load_state_dict(saved["current"], strict=False)
         self.optimizer.load_state_dict(saved["optimizer"])
         self.history = saved["history"]
-        log.info("resuming %s retraining after epoch %d", self.kind, saved["epoch"])
+        log.info("resuming %s retraining after epoch %d (checkpoint of %d process(es))", self.kind, saved["epoch"],
+                 saved.get("world_size", 1))
+        return saved
+
+    def _load(self, identity: str) -> dict[str, Any] | None:
+        if self.path is None or not self.path.is_file():
+            return None
+        try:
+            saved = torch.load(self.path, map_location="cpu", weights_only=True)
+        except Exception as exc:
+            log.warning("ignoring unreadable checkpoint %s (%s)", self.path, type(exc).__name__)
+            return None
+        if saved.get("identity") != identity or saved.get("epoch", 0) > self.config.epochs:
+            log.warning("checkpoint %s is from other settings: starting again", self.path)
+            return None
         return saved
 
     def _fresh_state(self, hold: torch.Tensor) -> dict[str, Any]:
         before = self._score(hold)
         return {
-            "identity": _identity(self.config, len(self.source), self.kind),
+            "identity": _identity(self.config, len(self.source), self.kind, self.student, self.teacher),
             "epoch": 0,
             "seconds": 0.0,
             "images": 0,
@@ -320,17 +343,40 @@ class _Trainer:
         }
 
     def _save(self, state: dict[str, Any]) -> None:
-        if self.path is None:
+        """Rank 0 writes the checkpoint: the plain student's tensors (no DDP ``module.`` prefix)."""
+        if self.path is None or not distributed.is_main():
             return
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        payload = dict(state, current=self._trainable_state(), optimizer=self.optimizer.state_dict(), history=self.history)
+        payload = dict(state, current=self._trainable_state(), optimizer=self.optimizer.state_dict(), history=self.history,
+                       world_size=distributed.world_size())
         with atomic_path(self.path) as tmp:
             torch.save(payload, tmp)
 
 
-def _identity(config: RetrainConfig, n_images: int, kind: str) -> str:
-    payload = json.dumps({"config": dataclasses.asdict(config), "images": n_images, "kind": kind}, sort_keys=True)
-    return hashlib.sha256(payload.encode()).hexdigest()
+def _identity(config: RetrainConfig, n_images: int, kind: str, student: nn.Module, teacher: nn.Module | None) -> str:
+    """What a checkpoint must match to be resumed: the settings (the number of epochs aside: the
+    state after epoch e does not depend on it), the data size and the starting models' bytes."""
+    settings = {k: v for k, v in dataclasses.asdict(config).items() if k != "epochs"}
+    payload = json.dumps({"config": settings, "images": n_images, "kind": kind}, sort_keys=True)
+    digest = hashlib.sha256(payload.encode())
+    for model in (student, teacher):
+        _digest_state(digest, model)
+    return digest.hexdigest()
+
+
+def _digest_state(digest: Any, model: nn.Module | None) -> None:
+    """Feed every tensor of ``model`` (names and exact bytes) into ``digest``."""
+    for name, tensor in sorted(model.state_dict().items()) if model is not None else []:
+        digest.update(name.encode())
+        digest.update(tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
+
+
+def _is_bn_statistic(name: str) -> bool:
+    return "running" in name or "num_batches" in name
+
+
+def _cat(chunks: list[torch.Tensor]) -> torch.Tensor:
+    return torch.cat(chunks) if chunks else torch.empty(0)
 
 
 def _better(new: dict[str, float], old: dict[str, float], labeled: bool) -> bool:

@@ -8,6 +8,11 @@ when one is given, and the exact size of the ``.lless`` file that plan would giv
 The original model runs once; for each layer only what depends on it is recomputed
 (:mod:`labelless.incremental`). Rows are appended to ``DIR/rows.jsonl`` layer by layer,
 so a sweep killed halfway continues where it stopped when run again with the same settings.
+
+Under torchrun the layers are dealt out in rounds, one layer per rank per round; each round's
+rows are gathered on every rank, rank 0 alone keeps the journal and writes the outputs, and
+the table is the one a single process makes (each layer is measured by the same code on the
+same batches, whichever rank runs it).
 """
 
 from __future__ import annotations
@@ -25,6 +30,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from . import distributed
 from .errors import LabellessError
 from .evaluate import accuracy, agreement, autocast, kl_divergence
 from .incremental import Splitter
@@ -156,19 +162,44 @@ def sweep(
     ctx = prepare_reference(model.to(device).eval(), unlabeled, preprocess, labeled, config.batch_size, device)
     splitter = Splitter(model)
     layers = list_layers(model)
-    journal = _Journal(out_dir, {"config": dataclasses.asdict(config), "identity": identity})
-    rows = journal.rows()
+    main = distributed.is_main()
+    journal = _Journal(out_dir if main else None, {"config": dataclasses.asdict(config), "identity": identity})
+    rows = _rows(distributed.broadcast_object(_dicts(journal.rows())))
     done = {(r.layer, r.tensor, r.k) for r in rows}
-    for layer in progress(layers, desc="sweep", unit="layer"):
-        jobs = _jobs(ctx, layer, config, done)
-        if jobs:
-            new = _sweep_layer(ctx, splitter, layer, jobs)
-            journal.append(new)
-            rows.extend(new)
+    pending = [layer for layer in layers if _jobs(ctx, layer, config, done)]
+    for layers_now in progress(_rounds(pending), desc="sweep", unit="round"):
+        new = _sweep_round(ctx, splitter, layers_now, config, done)
+        journal.append(new)
+        rows.extend(new)
     result = _finish(ctx, rows, layers, len(unlabeled))
-    if out_dir is not None:
+    if out_dir is not None and main:
         write_sweep(result, Path(out_dir))
     return result
+
+
+def _rounds(pending: list[LayerInfo]) -> list[list[LayerInfo]]:
+    """Layers in rounds of one per rank (one layer a round in a single process); neighbours
+    share a round, as their cost is alike and a round lasts as long as its slowest layer."""
+    size = distributed.world_size()
+    return [pending[start:start + size] for start in range(0, len(pending), size)]
+
+
+def _sweep_round(ctx: Reference, splitter: Splitter, layers: list[LayerInfo], config: SweepConfig,
+                 done: set) -> list[SweepRow]:
+    """Rank r sweeps ``layers[r]``; every rank gets all the round's rows, in rank order."""
+    me = distributed.rank()
+    mine = _sweep_layer(ctx, splitter, layers[me], _jobs(ctx, layers[me], config, done)) if me < len(layers) else []
+    if distributed.world_size() == 1:
+        return mine
+    return [row for part in distributed.gather_objects(_dicts(mine)) for row in _rows(part)]
+
+
+def _dicts(rows: Sequence[SweepRow]) -> list[dict[str, Any]]:
+    return [dataclasses.asdict(r) for r in rows]
+
+
+def _rows(dicts: Sequence[dict[str, Any]]) -> list[SweepRow]:
+    return [SweepRow(**d) for d in dicts]
 
 
 def prepare_reference(

@@ -1,20 +1,29 @@
-"""``labelless retrain``: win the accuracy back, label-free (or with labels, as the baseline)."""
+"""``labelless retrain``: win the accuracy back, label-free (or with labels, as the baseline).
+
+Under torchrun every rank trains its share (DistributedDataParallel); rank 0 alone measures
+the test set and writes the model, its summary and the checkpoints.
+"""
 
 from __future__ import annotations
 
 import argparse
 import dataclasses
+import logging
 from pathlib import Path
 
+from .. import distributed
 from ..data import Preprocess, open_images
 from ..errors import LabellessError
-from ..evaluate import accuracy, predict_labeled, resolve_device
+from ..evaluate import accuracy, predict_labeled
 from ..fileformat import load, save
 from ..io import atomic_write_json, check_output_dir
 from ..models import build_model, load_weights
-from ..retrain import RetrainConfig, retrain, retrain_labeled
+from ..quantize import unquantized_parameters
+from ..retrain import NOTHING_TO_RETRAIN, RetrainConfig, retrain, retrain_labeled
 from .common import write_config
 from .quantize import add_storage_args, storage_kwargs
+
+log = logging.getLogger(__name__)
 
 
 def add_parser(subparsers) -> None:
@@ -58,37 +67,57 @@ def retrain_config(args: argparse.Namespace) -> RetrainConfig:
 
 
 def run(args: argparse.Namespace) -> int:
-    check_output_dir(args.output)
+    if distributed.is_main():
+        check_output_dir(args.output)
     student = load(args.file)
     spec = getattr(student, "labelless_spec", None)
     if spec is None:
         raise LabellessError(f"{args.file} holds a custom model: retrain it through the Python API")
     teacher = load_weights(build_model(spec), args.weights).eval()
-    device = resolve_device(args.device)
+    device = distributed.device(args.device)
     preprocess = Preprocess.for_spec(spec).to(device)
     config = retrain_config(args)
     checkpoints = Path(args.checkpoint_dir or f"{args.output}.ckpt")
     test = _test_set(args, spec)
     before = _accuracy(student, test, preprocess, device)
-    if args.unlabeled:
-        data = open_images(args.unlabeled, split="train", size=spec.image_size, channels=spec.in_channels,
-                           limit=args.limit, seed=args.seed).unlabeled()
-        result = retrain(student, teacher, data, preprocess, config=config, checkpoint_dir=checkpoints, device=device)
-    else:
-        data = open_images(args.labeled, split="train", labeled=True, size=spec.image_size, channels=spec.in_channels,
-                           limit=args.limit, seed=args.seed)
-        result = retrain_labeled(student, data, preprocess, config=config, checkpoint_dir=checkpoints, device=device)
+    if not (config.tune_centroids or unquantized_parameters(student)):
+        return _skip(args, student)
+    result = _retrain(args, spec, student, teacher, preprocess, config, checkpoints, device)
     after = _accuracy(result.model, test, preprocess, device)
-    save(result.model, args.output, **storage_kwargs(args))
-    summary = dict(result.summary(), test_accuracy_before=before, test_accuracy_after=after)
-    atomic_write_json(f"{args.output}.json", summary)
-    write_config(f"{args.output}.config.json", args, retrain=dataclasses.asdict(config))
+    if distributed.is_main():
+        save(result.model, args.output, **storage_kwargs(args))
+        summary = dict(result.summary(), test_accuracy_before=before, test_accuracy_after=after)
+        atomic_write_json(f"{args.output}.json", summary)
+        write_config(f"{args.output}.config.json", args, retrain=dataclasses.asdict(config))
     _print(result, before, after, args.output)
     return 0
 
 
+def _skip(args: argparse.Namespace, student) -> int:
+    """Every parameter is quantized: write the quantized model unchanged and say so."""
+    log.warning("%s: writing the quantized model unchanged (--tune-centroids would learn the codebooks)",
+                NOTHING_TO_RETRAIN)
+    if distributed.is_main():
+        save(student, args.output, **storage_kwargs(args))
+    print(f"nothing left to retrain; wrote {args.output} unchanged")
+    return 0
+
+
+def _retrain(args, spec, student, teacher, preprocess, config: RetrainConfig, checkpoints: Path, device):
+    """Label-free (``--unlabeled``) or the labelled baseline (``--labeled``)."""
+    size, channels = spec.image_size, spec.in_channels
+    if args.unlabeled is not None:
+        data = open_images(args.unlabeled, split="train", size=size, channels=channels, limit=args.limit,
+                           seed=args.seed).unlabeled()
+        return retrain(student, teacher, data, preprocess, config=config, checkpoint_dir=checkpoints, device=device)
+    data = open_images(args.labeled, split="train", labeled=True, size=size, channels=channels, limit=args.limit,
+                       seed=args.seed)
+    return retrain_labeled(student, data, preprocess, config=config, checkpoint_dir=checkpoints, device=device)
+
+
 def _test_set(args, spec):
-    if not args.eval_data:
+    """The labelled test set of ``--eval``: measured on rank 0 alone."""
+    if not args.eval_data or not distributed.is_main():
         return None
     return open_images(args.eval_data, split="test", labeled=True, size=spec.image_size, channels=spec.in_channels)
 

@@ -1,4 +1,7 @@
-"""``labelless sweep``: per-layer sensitivity, measured without labels."""
+"""``labelless sweep``: per-layer sensitivity, measured without labels.
+
+Under torchrun the layers are split across the ranks; rank 0 writes the folder.
+"""
 
 from __future__ import annotations
 
@@ -6,8 +9,8 @@ import argparse
 import os
 from pathlib import Path
 
+from .. import distributed
 from ..data import Preprocess, open_images
-from ..evaluate import resolve_device
 from ..sensitivity import DEFAULT_CLUSTERS, SweepConfig, sweep
 from .common import add_device_args, add_model_args, ints, model_from_args, write_config
 
@@ -40,17 +43,19 @@ def open_data(args: argparse.Namespace, spec):
 
 def run(args: argparse.Namespace) -> int:
     out = Path(args.output)
-    out.mkdir(parents=True, exist_ok=True)
     model = model_from_args(args)
     spec = model.labelless_spec
     unlabeled, labeled = open_data(args, spec)
+    if distributed.is_main():
+        out.mkdir(parents=True, exist_ok=True)
     weights = os.stat(args.weights)
     identity = {"args": {k: v for k, v in vars(args).items() if k not in ("run", "output", "device", "verbose", "quiet")},
                 "weights": [weights.st_size, weights.st_mtime_ns]}
-    write_config(out / "config.json", args, spec=spec.to_dict())
+    if distributed.is_main():
+        write_config(out / "config.json", args, spec=spec.to_dict())
     result = sweep(model, unlabeled, Preprocess.for_spec(spec), labeled=labeled,
                    config=SweepConfig(clusters=args.clusters, include_bias=not args.no_bias, batch_size=args.batch_size),
-                   out_dir=out, identity=_plain(identity), device=resolve_device(args.device))
+                   out_dir=out, identity=_plain(identity), device=distributed.device(args.device))
     bias = result.summary.get("biases_at_1")
     print(f"swept {len({r.layer for r in result.rows})} layers x {len(args.clusters)} values of k: "
           f"{len(result.rows)} rows -> {out / 'sweep.csv'}")
