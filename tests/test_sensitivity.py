@@ -111,3 +111,12 @@ def test_searched_plan_meets_its_budget_when_evaluated(swept, tiny, digits, prep
     assert found.best.bytes < swept.reference["fp32_bytes"]
     sizes = [c.bytes for c in found.alternatives]
     assert sizes == sorted(sizes) and found.best in found.alternatives
+
+
+def test_search_by_size_returns_the_most_faithful_plan_that_fits(swept, tiny, digits, preprocess):
+    reference = prepare_reference(tiny, digits, preprocess, None, 64, torch.device("cpu"))
+    limit = swept.reference["fp32_bytes"] // 3
+    found = search(swept, make_evaluator(reference), max_bytes=limit)
+    assert found.best.bytes <= limit
+    fitting = [c for c in found.alternatives if c.bytes <= limit]
+    assert found.best.measured_drop == min(c.measured_drop for c in fitting)

@@ -59,7 +59,7 @@ class Candidate:
 class SearchResult:
     best: Candidate
     alternatives: list[Candidate]  # every measured plan, smallest first
-    max_drop: float
+    max_drop: float | None
     metric: str
 
     def to_dict(self) -> dict[str, Any]:
@@ -75,21 +75,22 @@ def search(
     result: SweepResult,
     evaluate: Callable[[dict[str, int]], tuple[int, float, dict[str, float]]],
     *,
-    max_drop: float,
+    max_drop: float | None = None,
+    max_bytes: int | None = None,
     metric: str = "agreement",
 ) -> SearchResult:
-    """The smallest plan whose *measured* drop is at most ``max_drop`` points.
+    """The smallest plan whose *measured* drop is at most ``max_drop`` points, or, given
+    ``max_bytes`` alone, the plan with the smallest measured drop that fits in that size.
 
     ``evaluate(choice) -> (file bytes, measured drop in points, figures)`` quantizes the
-    model by a choice and measures it (see :func:`labelless.pipeline.plan_evaluator`).
+    model by a choice and measures it (see :func:`make_evaluator`).
 
     Example:
-        >>> found = search(sweep_result, evaluator, max_drop=0.5)
+        >>> found = search(sweep_result, make_evaluator(reference), max_drop=0.5)
         >>> found.best.plan().save("plan.yaml")
     """
-    if max_drop < 0:
-        raise LabellessError(f"--max-drop must be >= 0 points, got {max_drop}")
-    rungs = ladder(result, metric)
+    _check_budget(max_drop, max_bytes)
+    rungs = [r for r in ladder(result, metric) if max_bytes is None or r.predicted_bytes <= max_bytes]
     measured: dict[int, Candidate] = {}
 
     def measure(i: int) -> Candidate:
@@ -101,17 +102,36 @@ def search(
             measured[i] = candidate
         return measured[i]
 
-    best = _bisect(len(rungs), lambda i: measure(i).measured_drop <= max_drop) if rungs else None
-    if best is None:
-        raise LabellessError(
-            f"no plan keeps the {metric} drop within {max_drop} points, not even the smallest change: "
-            "raise --max-drop or sweep larger k"
-        )
-    _measure_neighbours(best, len(rungs), measure)
-    feasible = [c for c in measured.values() if c.measured_drop <= max_drop]
-    chosen = min(feasible, key=lambda c: c.bytes)
-    alternatives = sorted(measured.values(), key=lambda c: c.bytes)
-    return SearchResult(chosen, alternatives, max_drop, metric)
+    if max_drop is None:
+        for i in range(max(0, len(rungs) - 4), len(rungs)):  # the largest plans that fit
+            measure(i)
+    else:
+        best = _bisect(len(rungs), lambda i: measure(i).measured_drop <= max_drop) if rungs else None
+        if best is not None:
+            _measure_neighbours(best, len(rungs), measure)
+    fits = [c for c in measured.values() if (max_drop is None or c.measured_drop <= max_drop)
+            and (max_bytes is None or c.bytes <= max_bytes)]
+    if not fits:
+        raise LabellessError(_nothing_fits(metric, max_drop, max_bytes))
+    chosen = min(fits, key=lambda c: c.bytes) if max_drop is not None else min(fits, key=lambda c: (c.measured_drop, c.bytes))
+    return SearchResult(chosen, sorted(measured.values(), key=lambda c: c.bytes), max_drop, metric)
+
+
+def _check_budget(max_drop: float | None, max_bytes: int | None) -> None:
+    if max_drop is None and max_bytes is None:
+        raise LabellessError("give a budget: --max-drop (points) and/or --max-bytes")
+    if max_drop is not None and max_drop < 0:
+        raise LabellessError(f"--max-drop must be >= 0 points, got {max_drop}")
+    if max_bytes is not None and max_bytes < 1:
+        raise LabellessError(f"--max-bytes must be >= 1, got {max_bytes}")
+
+
+def _nothing_fits(metric: str, max_drop: float | None, max_bytes: int | None) -> str:
+    limits = " and ".join(
+        text for text in (f"a {metric} drop within {max_drop} points" if max_drop is not None else "",
+                          f"a file within {max_bytes} bytes" if max_bytes is not None else "") if text
+    )
+    return f"no plan gives {limits}: relax the budget or sweep more values of k"
 
 
 def _bisect(n: int, ok: Callable[[int], bool]) -> int | None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 from pathlib import Path
+from typing import Any
 
 from ..data import Preprocess
 from ..errors import LabellessError
@@ -13,14 +14,16 @@ from ..io import atomic_write_json, check_output_dir
 from ..report import format_table
 from ..search import make_evaluator, search
 from ..sensitivity import SweepResult, prepare_reference
-from .common import model_from_args
+from .common import check_device, model_from_args
 from .sweep import open_data
 
 
 def add_parser(subparsers) -> None:
     parser = subparsers.add_parser("search", help="find the smallest plan within an accuracy budget")
     parser.add_argument("sweep_dir", help="the folder a `labelless sweep` wrote")
-    parser.add_argument("--max-drop", type=float, required=True, help="budget in points of agreement (or accuracy)")
+    parser.add_argument("--max-drop", type=float, default=None, help="budget in points of agreement (or accuracy)")
+    parser.add_argument("--max-bytes", type=int, default=None,
+                        help="size budget in bytes; alone, the search returns the most faithful plan that fits")
     parser.add_argument("--metric", choices=["agreement", "accuracy"], default="agreement")
     parser.add_argument("--device", default="auto")
     parser.add_argument("-o", "--output", required=True, help="the plan file to write (.yaml or .json)")
@@ -29,9 +32,11 @@ def add_parser(subparsers) -> None:
 
 def run(args: argparse.Namespace) -> int:
     check_output_dir(args.output)
+    check_device(args.device)
     folder = Path(args.sweep_dir)
-    result = SweepResult.from_dir(folder)
     sweep_args = _sweep_args(folder)
+    _read_json(folder / "sweep.json", "no finished sweep")  # a clear error for a cut or edited file
+    result = SweepResult.from_dir(folder)
     model = model_from_args(sweep_args)
     spec = model.labelless_spec
     unlabeled, labeled = open_data(sweep_args, spec)
@@ -39,10 +44,12 @@ def run(args: argparse.Namespace) -> int:
         raise LabellessError("--metric accuracy needs a sweep run with --labeled data; use --metric agreement")
     device = resolve_device(args.device)
     reference = prepare_reference(model.to(device), unlabeled, Preprocess.for_spec(spec), labeled, sweep_args.batch_size, device)
-    found = search(result, make_evaluator(reference, args.metric), max_drop=args.max_drop, metric=args.metric)
+    found = search(result, make_evaluator(reference, args.metric), max_drop=args.max_drop, max_bytes=args.max_bytes,
+                   metric=args.metric)
     best = found.best
     found.best.plan().save(args.output, header=f"labelless search: {best.bytes} bytes, measured {args.metric} drop "
-                           f"{best.measured_drop:.2f} points (budget {args.max_drop}), predicted {best.predicted_drop:.2f}")
+                           f"{best.measured_drop:.2f} points (budget {args.max_drop} points, {args.max_bytes} bytes), "
+                           f"predicted {best.predicted_drop:.2f}")
     atomic_write_json(Path(args.output).with_suffix(".search.json"), found.to_dict())
     rows = [(c.bytes, f"{100 * (1 - c.bytes / result.reference['fp32_bytes']):.2f}%", c.predicted_drop, c.measured_drop,
              "<- chosen" if c is best else "") for c in found.alternatives]
@@ -51,10 +58,30 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
+_SWEEP_ARGS = ("model", "num_classes", "in_channels", "small_input", "image_size", "weights", "unlabeled", "labeled",
+               "limit", "seed", "batch_size")
+
+
 def _sweep_args(folder: Path) -> argparse.Namespace:
-    path = folder / "config.json"
-    if not path.is_file():
-        raise LabellessError(f"{folder} has no config.json: it was not written by `labelless sweep`")
-    data = json.loads(path.read_text())
+    """The flags the sweep in ``folder`` ran with (its ``config.json``)."""
+    if not folder.is_dir():
+        raise LabellessError(f"sweep folder {str(folder)!r} does not exist or is not a folder: "
+                             f"give the -o folder of a `labelless sweep`")
+    data = _read_json(folder / "config.json", "no config.json")
+    missing = [key for key in _SWEEP_ARGS if key not in data] if isinstance(data, dict) else ["all"]
+    if missing:
+        raise LabellessError(f"{folder}/config.json lacks {missing}: it was not written by `labelless sweep`; "
+                             f"run the sweep again")
     data["mean"], data["std"] = tuple(data.get("mean") or ()), tuple(data.get("std") or ())
     return argparse.Namespace(**data)
+
+
+def _read_json(path: Path, lacking: str) -> Any:
+    """The JSON in ``path``; one line saying what to do if it is missing or malformed."""
+    if not path.is_file():
+        raise LabellessError(f"{path.parent} holds {lacking} ({path.name}): run `labelless sweep -o {path.parent}` first")
+    try:
+        return json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise LabellessError(f"cannot read {path} ({type(exc).__name__}): run `labelless sweep -o {path.parent}` "
+                             f"again") from None

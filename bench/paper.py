@@ -1,0 +1,346 @@
+"""Paper scale: VGG-16-bn and ResNet-50 on 32x32 Fashion-MNIST, against the paper's table.
+
+For each network: train the original with labels, sweep and search a plan under a size
+target (label-free), quantize, then retrain three ways -- label-free on Fashion-MNIST
+training images with their labels withheld (same domain), label-free on MNIST digits
+(other domain), and conventionally with labels -- each with and without
+``tune_centroids``, over several seeds; plus the paper's own two plans as reference rows.
+Every row is appended to ``OUT/paper.json`` as soon as it exists, so a run cut short by its
+time limit still leaves its results.
+
+    # on a GPU (one call of at most 8 minutes; carry the data, see --prepare-data)
+    python bench/paper.py --out $OUT --data data/
+    # on a CPU, as a smoke test (CI): tiny subsets, one epoch
+    python bench/paper.py --quick --out /tmp/paper
+    # docs/RESULTS.md from the rows
+    python bench/paper.py --report docs/results/paper.json -o docs/RESULTS.md
+
+The testbed differs from the paper's (ImageNet at 224 px): absolute accuracies do not
+compare across them, only the size reductions and the gaps between retraining methods.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import datetime
+import json
+import logging
+import os
+import statistics
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
+
+import labelless  # noqa: E402
+from labelless.data import Preprocess, open_images  # noqa: E402
+from labelless.evaluate import accuracy, predict_labeled, resolve_device  # noqa: E402
+from labelless.retrain import RetrainConfig, retrain, retrain_labeled, trainable_parameters  # noqa: E402
+from labelless.search import make_evaluator, search  # noqa: E402
+from labelless.sensitivity import SweepConfig, prepare_reference, sweep  # noqa: E402
+from labelless.train import TrainConfig, train_classifier  # noqa: E402
+
+log = logging.getLogger("paper")
+
+PAPER_PLANS = {  # the paper's configurations, exactly
+    "vgg16_bn": [{"layers": "*", "bias": 1}, {"layers": "14-15", "weights": 32}],
+    "resnet50": [{"layers": "*", "bias": 1}, {"layers": "13-49", "weights": 256}],
+}
+SIZE_TARGETS = {"vgg16_bn": 0.04, "resnet50": 0.10}  # file size / fp32 size: 96% and 90% smaller
+FASHION_MEAN, FASHION_STD = (0.2860,), (0.3530,)
+
+
+@dataclass(frozen=True)
+class Scale:
+    """How much of everything one run uses."""
+
+    teacher_epochs: dict  # per model
+    teacher_limit: int | None
+    batch_size: int
+    test_limit: int | None
+    sweep_limit: int
+    clusters: tuple[int, ...]
+    retrain_limit: int | None
+    retrain_epochs: int
+    seeds: int
+
+
+GPU = Scale({"vgg16_bn": 12, "resnet50": 8}, None, 256, None, 10_000, (1, 2, 4, 8, 16, 32, 64, 128, 256),
+            20_000, 3, 3)
+QUICK = Scale({"vgg16_bn": 1, "resnet50": 1}, 64, 32, 32, 8, (1, 16), 32, 1, 1)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
+    if args.report:
+        Path(args.output).write_text(render_results(json.loads(Path(args.report).read_text())))
+        return 0
+    if args.prepare_data:
+        prepare_data(Path(args.prepare_data))
+        return 0
+    if args.data:
+        os.environ["LABELLESS_DATA"] = str(Path(args.data).resolve())
+    scale = QUICK if args.quick else GPU
+    if args.seeds:
+        scale = dataclasses.replace(scale, seeds=args.seeds)
+    out = Path(args.out or os.environ.get("OUT") or "bench/results/paper")
+    out.mkdir(parents=True, exist_ok=True)
+    deadline = time.monotonic() + (args.time_limit if args.time_limit is not None else float("inf"))
+    for name in args.models.split(","):
+        run_model(name, scale, out, resolve_device(args.device), _other_domain(args.data), deadline)
+    return 0
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="tiny subsets and one epoch: a CPU smoke test")
+    parser.add_argument("--models", default="vgg16_bn,resnet50")
+    parser.add_argument("--seeds", type=int, default=0, help="retraining seeds (default 3, 1 with --quick)")
+    parser.add_argument("--device", default="auto")
+    parser.add_argument("--data", default=None, help="folder written by --prepare-data (else the usual places)")
+    parser.add_argument("--time-limit", type=float, default=None, help="seconds; later steps are skipped after it")
+    parser.add_argument("--out", default=None, help="result folder (default $OUT or bench/results/paper)")
+    parser.add_argument("--prepare-data", default=None, help="write Fashion-MNIST and the MNIST sample here, then stop")
+    parser.add_argument("--report", default=None, help="render docs/RESULTS.md from this paper.json")
+    parser.add_argument("-o", "--output", default="docs/RESULTS.md")
+    return parser
+
+
+def prepare_data(folder: Path) -> None:
+    """Copy what the GPU machine needs (no network there): Fashion-MNIST idx and MNIST 5k as npz."""
+    import shutil
+
+    import numpy as np
+
+    folder.mkdir(parents=True, exist_ok=True)
+    for name in sorted(Path("/usr/share/datasets/fashion-mnist").glob("*.gz")):
+        shutil.copy(name, folder / name.name)
+    for split in ("train", "test"):
+        digits = open_images("mnist", split=split, labeled=True)
+        np.savez_compressed(folder / f"mnist5k-{split}.npz", images=digits.images.numpy(), labels=digits.labels.numpy())
+    log.info("wrote %s (%d MB)", folder, sum(f.stat().st_size for f in folder.iterdir()) >> 20)
+
+
+def _other_domain(data: str | None) -> str:
+    if data and (Path(data) / "mnist5k-train.npz").is_file():
+        return f"npz:{Path(data) / 'mnist5k-train.npz'}"
+    return "mnist"
+
+
+# -- one network -------------------------------------------------------------------------
+
+
+@dataclass
+class Bench:
+    name: str
+    scale: Scale
+    out: Path
+    device: torch.device
+    other: str
+    deadline: float
+    spec: labelless.ModelSpec | None = None
+    teacher: torch.nn.Module | None = None
+    preprocess: torch.nn.Module | None = None
+    test: object = None
+    original: float = 0.0
+
+    def open(self, spec_text: str, labeled: bool, limit: int | None, split: str = "train", seed: int = 0):
+        return open_images(spec_text, split=split, labeled=labeled, size=32, channels=1, limit=limit, seed=seed)
+
+    def accuracy(self, model: torch.nn.Module) -> float:
+        logits, labels = predict_labeled(model, self.test, self.preprocess, device=self.device, batch_size=512)
+        return accuracy(logits, labels)
+
+    def late(self) -> bool:
+        return time.monotonic() > self.deadline
+
+
+def run_model(name: str, scale: Scale, out: Path, device: torch.device, other: str, deadline: float) -> None:
+    bench = Bench(name, scale, out, device, other, deadline)
+    bench.spec = labelless.ModelSpec(name, num_classes=10, in_channels=1, small_input=True, image_size=32,
+                                     mean=FASHION_MEAN, std=FASHION_STD)
+    bench.preprocess = Preprocess.for_spec(bench.spec).to(device)
+    bench.test = bench.open("fashion-mnist", True, scale.test_limit, split="test")
+    bench.teacher = _train_teacher(bench)
+    bench.original = bench.accuracy(bench.teacher)
+    log.info("%s: original accuracy %.2f%%", name, bench.original)
+    plan, sweep_seconds = _searched_plan(bench)
+    for plan_name, rules in (("searched", plan), ("paper", PAPER_PLANS.get(name))):
+        if rules is not None and not bench.late():
+            _plan_rows(bench, plan_name, rules, sweep_seconds if plan_name == "searched" else None)
+
+
+def _train_teacher(bench: Bench) -> torch.nn.Module:
+    model = labelless.build_model(bench.spec).to(bench.device)
+    if bench.device.type == "cuda":
+        model = model.to(memory_format=torch.channels_last)
+    train = bench.open("fashion-mnist", True, bench.scale.teacher_limit)
+    config = TrainConfig(epochs=bench.scale.teacher_epochs[bench.name], lr=2e-3, batch_size=bench.scale.batch_size)
+    stats = train_classifier(model, train, bench.preprocess, config=config, device=bench.device)
+    log.info("%s: teacher trained in %.0f s (%.0f images/s)", bench.name, stats["seconds"], stats["images_per_second"])
+    return model.eval()
+
+
+def _searched_plan(bench: Bench) -> tuple[list, float]:
+    start = time.perf_counter()
+    unlabeled = bench.open("fashion-mnist", False, bench.scale.sweep_limit).unlabeled()
+    config = SweepConfig(clusters=bench.scale.clusters, batch_size=bench.scale.batch_size * 2)
+    result = sweep(bench.teacher, unlabeled, bench.preprocess, config=config, out_dir=bench.out / f"sweep-{bench.name}",
+                   device=bench.device)
+    seconds = time.perf_counter() - start
+    reference = prepare_reference(bench.teacher, unlabeled, bench.preprocess, None, config.batch_size, bench.device)
+    max_bytes = int(SIZE_TARGETS[bench.name] * result.reference["fp32_bytes"])
+    found = search(result, make_evaluator(reference), max_bytes=max_bytes)
+    log.info("%s: sweep %.0f s; plan of %d bytes, measured agreement drop %.2f", bench.name, seconds,
+             found.best.bytes, found.best.measured_drop)
+    return found.best.plan().to_data(), seconds
+
+
+def _plan_rows(bench: Bench, plan_name: str, rules: list, sweep_seconds: float | None) -> None:
+    quantized = labelless.quantize(bench.teacher, rules)
+    entropy = _entropy()
+    saved = labelless.save(quantized, bench.out / f"{bench.name}-{plan_name}.lless", entropy=entropy)
+    base = {
+        "model": bench.name, "plan": {"name": plan_name, "rules": rules}, "bytes": saved["total_bytes"],
+        "packed_bytes": saved["packed_total_bytes"], "entropy": entropy, "fp32_bytes": saved["fp32_bytes"],
+        "size_reduction": 100 * saved["size_reduction"], "accuracy_original": bench.original,
+        "accuracy_quantized": bench.accuracy(quantized), "sweep_seconds": sweep_seconds,
+        "device": _device_name(bench.device), "date": datetime.date.today().isoformat(),
+    }
+    if plan_name == "searched":
+        base.update(_finetune_speeds(bench, quantized))
+    for tune in (False, True):
+        if not bench.late():
+            _append(bench.out / "paper.json", dict(base, tune_centroids=tune, **_retrainings(bench, quantized, tune)))
+
+
+def _finetune_speeds(bench: Bench, quantized: torch.nn.Module, steps: int = 10) -> dict:
+    """Images/s of training only the non-quantized layers against fine-tuning everything."""
+    import copy
+
+    import torch.nn.functional as F
+
+    labeled = bench.open("fashion-mnist", True, bench.scale.batch_size * (steps + 2))
+    speeds = {}
+    for kind, model in (("nonquantized", copy.deepcopy(quantized)), ("whole_network", copy.deepcopy(bench.teacher))):
+        params = trainable_parameters(model) if kind == "nonquantized" else list(model.parameters())
+        optimizer = torch.optim.Adam(params, lr=1e-5)
+        model.to(bench.device).eval()
+        times = []
+        for i in range(steps + 2):
+            x = bench.preprocess(labeled.images[i * bench.scale.batch_size:(i + 1) * bench.scale.batch_size].to(bench.device))
+            y = labeled.labels[i * bench.scale.batch_size:(i + 1) * bench.scale.batch_size].to(bench.device)
+            start = time.perf_counter()
+            loss = F.cross_entropy(model(x), y)
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+            if bench.device.type == "cuda":
+                torch.cuda.synchronize()
+            times.append(time.perf_counter() - start)
+        speeds[f"images_per_second_{kind}"] = bench.scale.batch_size / statistics.median(times[2:])
+    return speeds
+
+
+def _retrainings(bench: Bench, quantized: torch.nn.Module, tune: bool) -> dict:
+    import copy
+
+    scale, runs = bench.scale, {"labelfree_same": [], "labelfree_other": [], "labeled": []}
+    seconds, speed = {k: [] for k in runs}, {k: [] for k in runs}
+    same = bench.open("fashion-mnist", False, scale.retrain_limit).unlabeled()
+    other = bench.open(bench.other, False, scale.retrain_limit).unlabeled()
+    labeled = bench.open("fashion-mnist", True, scale.retrain_limit)
+    for seed in range(scale.seeds):
+        config = RetrainConfig(epochs=scale.retrain_epochs, batch_size=scale.batch_size, seed=seed, tune_centroids=tune)
+        for kind, go in (("labelfree_same", lambda s: retrain(s, bench.teacher, same, bench.preprocess, config=config, device=bench.device)),
+                         ("labelfree_other", lambda s: retrain(s, bench.teacher, other, bench.preprocess, config=config, device=bench.device)),
+                         ("labeled", lambda s: retrain_labeled(s, labeled, bench.preprocess, config=config, device=bench.device))):
+            if bench.late():
+                break
+            result = go(copy.deepcopy(quantized))
+            runs[kind].append(bench.accuracy(result.model))
+            seconds[kind].append(result.seconds)
+            speed[kind].append(result.images_per_second)
+    return _summaries(runs, seconds, speed)
+
+
+def _summaries(runs: dict, seconds: dict, speed: dict) -> dict:
+    row = {"seeds": max((len(v) for v in runs.values()), default=0)}
+    for kind, values in runs.items():
+        row[f"accuracy_{kind}"] = statistics.fmean(values) if values else None
+        row[f"accuracy_{kind}_std"] = statistics.pstdev(values) if len(values) > 1 else 0.0
+        row[f"accuracy_{kind}_runs"] = values
+        row[f"retrain_seconds_{kind}"] = statistics.fmean(seconds[kind]) if seconds[kind] else None
+        row[f"images_per_second_{kind}"] = statistics.fmean(speed[kind]) if speed[kind] else None
+    row["retrain_seconds"] = row["retrain_seconds_labelfree_other"]
+    return row
+
+
+def _entropy() -> str:
+    try:
+        import constriction  # noqa: F401
+
+        return "ans"
+    except ImportError:
+        return "none"
+
+
+def _device_name(device: torch.device) -> str:
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    return f"CPU ({os.cpu_count()} cores)"
+
+
+def _append(path: Path, row: dict) -> None:
+    rows = json.loads(path.read_text()) if path.is_file() else []
+    rows.append(row)
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(rows, indent=2))
+    os.replace(tmp, path)
+    log.info("row: %s %s tune=%s", row["model"], row["plan"]["name"], row["tune_centroids"])
+
+
+# -- docs/RESULTS.md -----------------------------------------------------------------------
+
+
+def render_results(rows: list[dict]) -> str:
+    """The paper-style table of ``paper.json`` rows, as markdown."""
+    head = ("| model | plan | tune | bytes | smaller | original | quantized | label-free same | "
+            "label-free other | labelled | same - labelled | other - labelled | retrain s | device | date |")
+    lines = [head, "|" + "---|" * 15]
+    for r in rows:
+        lines.append("| " + " | ".join(str(v) for v in (
+            r["model"], r["plan"]["name"], "yes" if r["tune_centroids"] else "no", r["bytes"],
+            f"{r['size_reduction']:.2f}%", _pct(r["accuracy_original"]), _pct(r["accuracy_quantized"]),
+            _mean_std(r, "labelfree_same"), _mean_std(r, "labelfree_other"), _mean_std(r, "labeled"),
+            _gap(r, "labelfree_same"), _gap(r, "labelfree_other"), _num(r.get("retrain_seconds")),
+            r["device"], r["date"])) + " |")
+    return "\n".join(["# Paper-scale results", "", *lines, ""])
+
+
+def _pct(value) -> str:
+    return "-" if value is None else f"{value:.2f}"
+
+
+def _num(value) -> str:
+    return "-" if value is None else f"{value:.1f}"
+
+
+def _mean_std(row: dict, kind: str) -> str:
+    mean = row.get(f"accuracy_{kind}")
+    return "-" if mean is None else f"{mean:.2f} ± {row.get(f'accuracy_{kind}_std', 0):.2f}"
+
+
+def _gap(row: dict, kind: str) -> str:
+    a, b = row.get(f"accuracy_{kind}"), row.get("accuracy_labeled")
+    return "-" if a is None or b is None else f"{a - b:+.2f}"
+
+
+if __name__ == "__main__":
+    sys.exit(main())

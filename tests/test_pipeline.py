@@ -1,0 +1,41 @@
+"""labelless run end to end on a tiny config: every file and every report field."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import yaml
+
+from labelless.cli import main
+
+TINY = {
+    "model": {"name": "resnet18", "image_size": 16},
+    "teacher": {"limit": 512, "train": {"epochs": 1, "batch_size": 64}},
+    "data": {"unlabeled_limit": 128, "test_limit": 128, "baseline_limit": 128},
+    "sweep": {"clusters": [1, 4, 16], "limit": 32},
+    "search": {"max_drop": 25.0},
+    "retrain": {"epochs": 1, "batch_size": 64},
+}
+
+
+@pytest.mark.skipif(not __import__("pathlib").Path("/usr/share/datasets/fashion-mnist").is_dir(),
+                    reason="needs the Fashion-MNIST package")
+def test_run_writes_model_report_sweep_and_config(tmp_path, capsys):
+    config = tmp_path / "tiny.yaml"
+    config.write_text(yaml.safe_dump(dict(TINY, out=str(tmp_path / "out"))))
+    assert main(["run", str(config)]) == 0
+    out = tmp_path / "out"
+    for name in ("model.lless", "quantized.lless", "baseline.lless", "report.md", "report.json", "config.yaml",
+                 "plan.yaml", "search.json", "sweep/sweep.csv", "sweep/heatmap.png", "sweep/pareto.png"):
+        assert (out / name).is_file(), name
+    report = json.loads((out / "report.json").read_text())
+    for section in ("original", "quantized", "retrained_labelfree", "retrained_labeled"):
+        assert 0 <= report[section]["accuracy"] <= 100 and report[section]["bytes"] > 0
+    for section in ("retrained_labelfree", "retrained_labeled"):
+        assert report[section]["seconds"] > 0
+    assert report["size_reduction"] == pytest.approx(1 - report["retrained_labelfree"]["bytes"] / report["original"]["bytes"])
+    assert report["unlabeled_data"] == "mnist" and report["labeled_data"] == "fashion-mnist" and report["plan"]
+    assert yaml.safe_load((out / "config.yaml").read_text())["sweep"]["clusters"] == [1, 4, 16]
+    printed = capsys.readouterr().out
+    assert "retrained_labelfree" in printed and "size reduction" in printed
