@@ -182,10 +182,18 @@ def prepare_seeds(folder: Path, recipes: list[SeedRecipe]) -> list[Seed]:
     seeds = []
     for recipe in recipes:
         path = folder / f"{recipe.name}.lless"
-        if not path.exists():
+        if not _readable(path):  # missing, or written by an older version of the format
             make_seed(recipe, path)
         seeds.append(Seed.open(recipe, path))
     return seeds
+
+
+def _readable(path: Path) -> bool:
+    try:
+        fileformat.read(path)
+    except (OSError, FileFormatError):
+        return False
+    return True
 
 
 # -- mutations -----------------------------------------------------------------------------
