@@ -39,7 +39,7 @@ N_FINE_MIN = 1 << 11
 FINE_PER_CLUSTER = 256  # fine buckets per future cluster, between N_FINE_MIN and N_FINE
 DP_POINTS_PER_CLUSTER = 16  # the first exact solve runs on this many merged points a cluster
 REFINE_GROUPS = 2  # the second moves each boundary within this many merged points
-MIN_DP_POINTS = 512
+MIN_DP_POINTS = 1024
 SPLIT_TABLE_LIMIT = 1 << 27  # entries of the programme's (clusters x points) table
 POLISH_STEPS = 500
 PARALLEL_MIN_VALUES = 1 << 22  # smaller tensors run on one thread (see _numba_threads)
@@ -156,7 +156,7 @@ def _collapse(values: np.ndarray, weights: np.ndarray | None, n_clusters: int) -
     _check_finite(int(n_bad))
     occupied = np.flatnonzero(key_counts)
     compander = _Compander(key_counts[occupied[0] : occupied[-1] + 1], int(occupied[0]))
-    geometry = (compander.key_lo, compander.layout(min(N_FINE, max(N_FINE_MIN, FINE_PER_CLUSTER * n_clusters))))
+    geometry = (compander.key_lo, compander.layout(_n_fine(n_clusters)))
     n_fine = int(geometry[1][-1].sum())
     stats = kernels.fine_stats(bits, values, _empty_if_none(weights), *geometry, n_fine, n_threads)
     fine = np.flatnonzero(stats[:, 0])
@@ -175,6 +175,11 @@ def _collapse(values: np.ndarray, weights: np.ndarray | None, n_clusters: int) -
         return out
 
     return _Points(total / count, weight, wsum, assign_to)
+
+
+def _n_fine(n_clusters: int) -> int:
+    """How many fine buckets: a fixed number per future cluster, within bounds."""
+    return min(N_FINE, max(N_FINE_MIN, FINE_PER_CLUSTER * n_clusters))
 
 
 def _distinct_points(values: np.ndarray, weights: np.ndarray | None) -> _Points:
