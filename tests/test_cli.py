@@ -6,9 +6,7 @@ import json
 
 import pytest
 import safetensors.torch
-import torch
 
-import labelless
 from labelless.cli import main
 
 MODEL = ["--model", "resnet18", "--num-classes", "10", "--in-channels", "1", "--small-input"]
@@ -82,3 +80,16 @@ def test_wrong_architecture_and_missing_output_folder(tmp_path, checkpoint, plan
 
 def test_python_dash_m_entry_point_exists():
     import labelless.__main__  # noqa: F401
+
+
+@pytest.mark.parametrize("given, expected", [((), (0.3,)), (("--mean", "0.5", "--std", "0.2"), (0.5,))])
+def test_quantize_uses_the_normalisation_stored_with_the_teacher(tmp_path, model, plan_file, given, expected):
+    from labelless import ModelSpec, load
+    from labelless.models import save_checkpoint
+
+    checkpoint = tmp_path / "teacher.safetensors"
+    save_checkpoint(model, checkpoint, ModelSpec("resnet18", num_classes=10, in_channels=1, small_input=True,
+                                                 mean=(0.3,), std=(0.4,)))
+    out = tmp_path / "m.lless"
+    assert main(["quantize", *MODEL, *given, "--weights", str(checkpoint), "--plan", str(plan_file), "-o", str(out)]) == 0
+    assert load(out).labelless_spec.mean == expected

@@ -13,7 +13,6 @@ import torch.nn.functional as F
 
 import labelless
 from labelless import cli
-from labelless.cli import export as export_cli
 from labelless.export import export_onnx
 
 onnx = pytest.importorskip("onnx")

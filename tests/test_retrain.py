@@ -119,6 +119,20 @@ def test_a_killed_retraining_resumes_to_the_same_result(tmp_path, student, teach
         assert torch.equal(a, b), k
 
 
+@pytest.mark.parametrize("change", ["normalisation", "images"])
+def test_a_finished_checkpoint_is_not_reused_for_other_data_or_normalisation(tmp_path, student, teacher, unlabeled,
+                                                                            change):
+    first = retrain(copy.deepcopy(student), teacher, unlabeled, PRE, config=FAST, checkpoint_dir=tmp_path)
+    pre, data = PRE, unlabeled
+    if change == "normalisation":
+        pre = Preprocess(channels=1, size=8, mean=(0.5,), std=(0.2,))
+    else:
+        data = torch.utils.data.Subset(unlabeled, list(range(len(unlabeled) - 1, -1, -1)))  # same images, reversed
+    fresh = retrain(copy.deepcopy(student), teacher, data, pre, config=FAST, checkpoint_dir=tmp_path / "fresh")
+    again = retrain(copy.deepcopy(student), teacher, data, pre, config=FAST, checkpoint_dir=tmp_path)
+    assert again.history == fresh.history != first.history  # started afresh, not resumed from `first`
+
+
 def test_non_finite_loss_stops_with_a_clear_error_and_keeps_the_checkpoint(tmp_path, student, teacher, unlabeled, monkeypatch):
     real = _Trainer._step
     calls = {"n": 0}

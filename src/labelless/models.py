@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import collections
 import dataclasses
+import json
 import logging
 import math
 import pickle
@@ -30,6 +31,8 @@ __all__ = [
     "build_model",
     "load_state_dict_file",
     "load_weights",
+    "save_checkpoint",
+    "stored_normalisation",
     "check_input_size",
     "check_finite",
     "IMAGENET_MEAN",
@@ -242,6 +245,37 @@ def load_state_dict_file(path: str | Path) -> dict[str, torch.Tensor]:
     else:
         state = _read_torch(path)
     return _strip_prefixes(_unwrap(state, path))
+
+
+NORMALISATION_KEY = "labelless.normalisation"  # safetensors metadata: {"mean": [...], "std": [...]}
+
+
+def save_checkpoint(model: nn.Module, path: str | Path, spec: ModelSpec) -> None:
+    """Write ``model``'s state_dict as safetensors, atomically, with the normalisation of
+    ``spec`` in the metadata so that later commands find it without ``--mean/--std``."""
+    import safetensors.torch
+
+    from .io import atomic_path
+
+    metadata = {NORMALISATION_KEY: json.dumps({"mean": list(spec.mean), "std": list(spec.std)})}
+    with atomic_path(path) as tmp:
+        safetensors.torch.save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(tmp), metadata)
+
+
+def stored_normalisation(path: str | Path) -> tuple[tuple[float, ...], tuple[float, ...]] | None:
+    """The (mean, std) :func:`save_checkpoint` stored in a safetensors file; None if there are none."""
+    from safetensors import safe_open
+
+    if Path(path).suffix != ".safetensors":
+        return None
+    try:
+        with safe_open(str(path), framework="pt") as handle:
+            text = (handle.metadata() or {}).get(NORMALISATION_KEY)
+        data = json.loads(text) if text else None
+        mean, std = tuple(float(v) for v in data["mean"]), tuple(float(v) for v in data["std"])
+    except Exception:  # noqa: BLE001 - unreadable or foreign metadata: as if there were none
+        return None
+    return (mean, std) if mean and std else None
 
 
 def _read_safetensors(path: Path) -> dict[str, torch.Tensor]:

@@ -9,7 +9,6 @@ already finished with the same settings is reused when the run is started again.
 from __future__ import annotations
 
 import copy
-import dataclasses
 import json
 import logging
 import time
@@ -17,23 +16,21 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import safetensors.torch
 import torch
 import yaml
 from torch import nn
 
 from . import distributed
 from .config import from_mapping, to_mapping
-from .errors import LabellessError
-from .evaluate import accuracy, agreement, predict, predict_labeled, resolve_device
-from .fileformat import load, save
-from .io import atomic_path, atomic_write_json, atomic_write_text
-from .models import ModelSpec, build_model, load_weights
+from .evaluate import accuracy, agreement, predict_labeled, resolve_device
+from .fileformat import save
+from .io import atomic_write_json, atomic_write_text
+from .models import ModelSpec, build_model, load_weights, save_checkpoint
 from .plan import load_plan
 from .quantize import quantize, unquantized_parameters
 from .retrain import NOTHING_TO_RETRAIN, RetrainConfig, retrain, retrain_labeled
 from .search import make_evaluator, search
-from .sensitivity import DEFAULT_CLUSTERS, SweepConfig, prepare_reference, sweep
+from .sensitivity import SweepConfig, prepare_reference, sweep
 from .train import TrainConfig, train_classifier
 
 __all__ = ["RunConfig", "run_pipeline"]
@@ -210,8 +207,7 @@ def _cached_teacher(run: _Run, train) -> nn.Module:
     stats = train_classifier(model, train, Preprocess.for_spec(run.spec).to(run.device),
                              config=run.config.teacher.train, device=run.device)
     if distributed.is_main():
-        with atomic_path(path) as tmp:
-            safetensors.torch.save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(tmp))
+        save_checkpoint(model, path, run.spec)
         atomic_write_json(meta, {"identity": identity, "training": stats})
     run.report["teacher_training"] = stats
     return model.eval()

@@ -39,7 +39,7 @@ import math
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -334,7 +334,8 @@ class _Trainer:
     def _fresh_state(self, hold: torch.Tensor) -> dict[str, Any]:
         before = self._score(hold)
         return {
-            "identity": _identity(self.config, len(self.source), self.kind, self.student, self.teacher),
+            "identity": _identity(self.config, self.kind, (self.student, self.teacher),
+                                  _data_digest(self.source, self.preprocess)),
             "epoch": 0,
             "seconds": 0.0,
             "images": 0,
@@ -353,14 +354,28 @@ class _Trainer:
             torch.save(payload, tmp)
 
 
-def _identity(config: RetrainConfig, n_images: int, kind: str, student: nn.Module, teacher: nn.Module | None) -> str:
+def _identity(config: RetrainConfig, kind: str, models: tuple[nn.Module, nn.Module | None], data: str) -> str:
     """What a checkpoint must match to be resumed: the settings (the number of epochs aside: the
-    state after epoch e does not depend on it), the data size and the starting models' bytes."""
+    state after epoch e does not depend on it), the data and its preprocessing (``data``, see
+    :func:`_data_digest`) and the starting models' bytes."""
     settings = {k: v for k, v in dataclasses.asdict(config).items() if k != "epochs"}
-    payload = json.dumps({"config": settings, "images": n_images, "kind": kind}, sort_keys=True)
+    payload = json.dumps({"config": settings, "kind": kind, "data": data}, sort_keys=True)
     digest = hashlib.sha256(payload.encode())
-    for model in (student, teacher):
+    for model in models:
         _digest_state(digest, model)
+    return digest.hexdigest()
+
+
+def _data_digest(source: _ImageSource, preprocess: nn.Module, n_sampled: int = 64) -> str:
+    """A fingerprint of the retraining data: its size, ``n_sampled`` images spread over it (with
+    their labels) and the preprocessing (normalisation, size), so that a checkpoint is never
+    resumed on other images or other normalisation."""
+    digest = hashlib.sha256(str(len(source)).encode())
+    images, labels = source.batch(torch.linspace(0, len(source) - 1, n_sampled).round().long().unique())
+    for tensor in (images, labels, *preprocess.buffers()):
+        if tensor is not None:
+            digest.update(tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
+    digest.update(repr(getattr(preprocess, "size", None)).encode())
     return digest.hexdigest()
 
 

@@ -9,7 +9,6 @@ checks that it equals the size of the file :func:`labelless.save` writes.
 from __future__ import annotations
 
 import json
-import math
 from typing import Any
 
 import torch

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import sys
 from pathlib import Path
 from typing import Any
@@ -13,7 +14,9 @@ from torch import nn
 
 from ..errors import LabellessError
 from ..io import atomic_write_json
-from ..models import ModelSpec, build_model, check_input_size, load_weights
+from ..models import ModelSpec, build_model, check_input_size, load_weights, stored_normalisation
+
+log = logging.getLogger(__name__)
 
 
 def add_model_args(parser: argparse.ArgumentParser, weights: bool = True, required: bool = True) -> None:
@@ -50,18 +53,38 @@ def ints(text: str) -> tuple[int, ...]:
 
 
 def model_spec(args: argparse.Namespace) -> ModelSpec:
-    """The model the flags describe; a clear error if it cannot take images of that size."""
+    """The model the flags describe; a clear error if it cannot take images of that size.
+
+    Without ``--mean/--std`` the normalisation stored in the ``--weights`` checkpoint (by
+    ``labelless train`` or ``labelless run``) is used, so a teacher is never fed images
+    normalised otherwise than in its training.
+    """
+    mean, std = _normalisation(args)
     spec = ModelSpec(
         args.model,
         num_classes=args.num_classes,
         in_channels=args.in_channels,
         small_input=args.small_input,
         image_size=args.image_size,
-        mean=args.mean,
-        std=args.std,
+        mean=mean,
+        std=std,
     )
     check_input_size(spec)
     return spec
+
+
+def _normalisation(args: argparse.Namespace) -> tuple[tuple[float, ...], tuple[float, ...]]:
+    weights = getattr(args, "weights", None)
+    stored = stored_normalisation(weights) if weights and Path(weights).is_file() else None
+    if stored is None:
+        return args.mean, args.std
+    if not args.mean and not args.std:
+        log.info("normalisation stored in %s: mean %s, std %s", weights, list(stored[0]), list(stored[1]))
+        return stored
+    if (tuple(args.mean), tuple(args.std)) != stored:
+        log.warning("--mean/--std differ from the normalisation stored in %s (mean %s, std %s): using yours",
+                    weights, list(stored[0]), list(stored[1]))
+    return args.mean, args.std
 
 
 def check_device(name: str | None) -> None:

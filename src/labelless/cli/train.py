@@ -5,11 +5,10 @@ from __future__ import annotations
 import argparse
 import logging
 
-import safetensors.torch
-
 from ..data import Preprocess, open_images
 from ..evaluate import accuracy, predict_labeled, resolve_device
-from ..io import atomic_path, check_output_dir
+from ..io import check_output_dir
+from ..models import save_checkpoint
 from ..train import TrainConfig, train_classifier
 from .common import add_device_args, add_model_args, check_device, model_spec, write_config
 
@@ -44,8 +43,7 @@ def run(args: argparse.Namespace) -> int:
     stats = train_classifier(model, train, preprocess, config=config, device=device)
     logits, labels = predict_labeled(model, test, preprocess, device=device)
     stats["test_accuracy"] = accuracy(logits, labels)
-    with atomic_path(args.output) as tmp:
-        safetensors.torch.save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(tmp))
+    save_checkpoint(model, args.output, spec)
     write_config(f"{args.output}.json", args, spec=spec.to_dict(), result=stats)
     print(f"trained {spec.name}: test accuracy {stats['test_accuracy']:.2f}% in {stats['seconds']:.0f} s -> {args.output}")
     return 0
