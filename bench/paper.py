@@ -68,11 +68,12 @@ class Scale:
     retrain_limit: int | None
     retrain_epochs: int
     seeds: int
+    speed_steps: int  # timed training steps of the fine-tuning speed comparison
 
 
 GPU = Scale({"vgg16_bn": 12, "resnet50": 8}, None, 256, None, 10_000, (1, 2, 4, 8, 16, 32, 64, 128, 256),
-            20_000, 3, 3)
-QUICK = Scale({"vgg16_bn": 1, "resnet50": 1}, 64, 32, 32, 8, (1, 16), 32, 1, 1)
+            20_000, 3, 3, 10)
+QUICK = Scale({"vgg16_bn": 1, "resnet50": 1}, 64, 32, 32, 8, (1, 16), 32, 1, 1, 1)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -220,12 +221,13 @@ def _plan_rows(bench: Bench, plan_name: str, rules: list, sweep_seconds: float |
             _append(bench.out / "paper.json", dict(base, tune_centroids=tune, **_retrainings(bench, quantized, tune)))
 
 
-def _finetune_speeds(bench: Bench, quantized: torch.nn.Module, steps: int = 10) -> dict:
+def _finetune_speeds(bench: Bench, quantized: torch.nn.Module) -> dict:
     """Images/s of training only the non-quantized layers against fine-tuning everything."""
     import copy
 
     import torch.nn.functional as F
 
+    steps = bench.scale.speed_steps
     labeled = bench.open("fashion-mnist", True, bench.scale.batch_size * (steps + 2))
     speeds = {}
     for kind, model in (("nonquantized", copy.deepcopy(quantized)), ("whole_network", copy.deepcopy(bench.teacher))):
