@@ -15,6 +15,10 @@ Defaults, and why:
 * ``balance=True``: images are resampled so that the teacher's predicted classes are
   balanced (on raw digits the teacher calls 73% of them "sandal").
 * ``cutmix=0.5``: half the batches are CutMix-ed; teacher and student see the same images.
+* ``refine_steps=0``: off by default (it costs a forward and backward pass of the teacher per
+  image and step). For images from another domain, ``refine_steps=50`` first pulls them
+  toward the teacher's BatchNorm statistics (:mod:`labelless.refine`); measured on a ResNet-18
+  at 93% size reduction distilled on MNIST digits: 67.9% -> 80.6% (docs/DEMO.md).
 * part of the unlabelled data is held out; the state with the best agreement with the
   teacher on it is kept, so retraining never hands back a model worse than it started.
 
@@ -51,6 +55,7 @@ from .evaluate import agreement, autocast, kl_divergence
 from .io import atomic_path
 from .progress import progress
 from .quantize import quantized_tensors
+from .refine import refine_images
 
 __all__ = ["RetrainConfig", "RetrainResult", "retrain", "retrain_labeled", "trainable_parameters"]
 
@@ -75,6 +80,7 @@ class RetrainConfig:
     holdout: float = 0.1  # fraction of the images held out to pick the best epoch
     tune_centroids: bool = False  # also learn codebook values (indices fixed)
     centroid_lr: float = 1e-4
+    refine_steps: int = 0  # label-free only: Adam steps pulling the images toward the teacher's BN statistics
     seed: int = 0
     amp: bool = True  # bf16 autocast on CUDA
     channels_last: bool = True  # on CUDA
@@ -89,6 +95,7 @@ class RetrainConfig:
             (self.bn in ("frozen", "update"), f"bn must be frozen or update, got {self.bn!r}"),
             (0 <= self.cutmix <= 1, "cutmix is a probability in [0, 1]"),
             (0 < self.holdout < 1, "holdout is a fraction in (0, 1)"),
+            (self.refine_steps >= 0, "refine_steps must be >= 0"),
         ]
         for ok, message in checks:
             if not ok:
@@ -141,7 +148,13 @@ def retrain(
         ...                  Preprocess.for_spec(spec), checkpoint_dir="ckpt")
         >>> result.after["agreement"] >= result.before["agreement"]
         True
+
+    With ``config.refine_steps`` the images are first pulled toward the teacher's training
+    domain (:func:`labelless.refine.refine_images`): for unlabelled data from another domain.
     """
+    if config.refine_steps:
+        on = device or next(student.parameters()).device
+        unlabeled = refine_images(teacher, unlabeled, preprocess, config.refine_steps, device=on)
     return _Trainer(student, teacher, unlabeled, preprocess, config, checkpoint_dir, device, labeled=False).run()
 
 

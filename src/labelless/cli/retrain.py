@@ -57,13 +57,17 @@ def add_retrain_args(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--cutmix", type=float, default=defaults.cutmix, help="probability of CutMix per batch (0: off)")
     group.add_argument("--holdout", type=float, default=defaults.holdout)
     group.add_argument("--tune-centroids", action="store_true", help="also learn codebook values (indices fixed)")
+    group.add_argument("--refine-steps", type=int, default=defaults.refine_steps,
+                       help="label-free: first pull the images toward the teacher's BatchNorm statistics for this "
+                            "many Adam steps (for images from another domain; 50 is a good start; default off)")
     group.add_argument("--seed", type=int, default=defaults.seed)
 
 
 def retrain_config(args: argparse.Namespace) -> RetrainConfig:
     return RetrainConfig(epochs=args.epochs, lr=args.lr, batch_size=args.batch_size, loss=args.loss,
                          temperature=args.temperature, bn=args.bn, balance=not args.no_balance, cutmix=args.cutmix,
-                         holdout=args.holdout, tune_centroids=args.tune_centroids, seed=args.seed)
+                         holdout=args.holdout, tune_centroids=args.tune_centroids, seed=args.seed,
+                         refine_steps=args.refine_steps)
 
 
 def run(args: argparse.Namespace) -> int:

@@ -1,0 +1,140 @@
+"""Pull unlabelled images toward the teacher's training domain before distilling on them.
+
+Images from another domain (MNIST digits for a Fashion-MNIST model) drive a network's
+BatchNorm layers far from the statistics they were trained on, and the teacher's outputs on
+them are skewed (on raw digits a Fashion-MNIST teacher calls most of them "sandal"). Each
+BatchNorm layer's running mean and variance are a summary of the original training data, so
+they can serve as a data prior (ZeroQ, Cai et al. 2020): starting from the real images, a few
+Adam steps on the pixels make every BatchNorm layer's batch statistics match the running
+ones. The refined images keep much of their structure, but the teacher now sees inputs whose
+statistics look like its training data, and its predicted classes spread out.
+
+Measured (docs/DEMO.md): a Fashion-MNIST ResNet-18 quantized to 4 centroids in 19 of 21
+layers, distilled label-free on 2,000 MNIST digits: 67.94% test accuracy; on the same digits
+refined for 20 steps: 78.80%, for 50 steps: 80.64% (same-domain images: 81.00%, labelled
+retraining: 81.51%). Pixels are kept within their valid range at every step.
+
+The refined images are returned as uint8 pixels, so that they flow through the same
+preprocessing, caching and checkpoint fingerprint as any other image set.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+
+import torch
+from torch import nn
+
+from . import distributed
+from .errors import LabellessError
+from .progress import progress
+
+__all__ = ["ImageTensor", "refine_images", "bn_statistics_loss"]
+
+log = logging.getLogger(__name__)
+
+BATCH_SIZE = 256
+LR = 0.1  # Adam on normalised pixels
+
+
+class ImageTensor(torch.utils.data.Dataset):
+    """Unlabelled uint8 images held in memory, ``(N, C, H, W)``: the form retraining indexes."""
+
+    def __init__(self, images: torch.Tensor):
+        self.images = images
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    def __getitem__(self, index: int) -> torch.Tensor:
+        return self.images[index]
+
+
+def refine_images(
+    teacher: nn.Module,
+    unlabeled: torch.utils.data.Dataset,
+    preprocess: nn.Module,
+    steps: int,
+    *,
+    device: torch.device | None = None,
+    batch_size: int = BATCH_SIZE,
+    lr: float = LR,
+) -> ImageTensor:
+    """``unlabeled``'s images after ``steps`` Adam steps that match the teacher's BatchNorm statistics.
+
+    Example:
+        >>> refined = refine_images(teacher, open_images("mnist", size=28).unlabeled(), preprocess, steps=50)
+        >>> result = retrain(student, teacher, refined, preprocess)
+    """
+    bns = [m for m in teacher.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats]
+    if not bns:
+        raise LabellessError("refining images needs a teacher with BatchNorm layers (their statistics are the "
+                             "target): this model has none; retrain without refinement")
+    device = device or next(teacher.parameters()).device
+    teacher, preprocess = teacher.to(device).eval(), preprocess.to(device)
+    images = _uint8_images(unlabeled)
+    mine = images[distributed.block(len(images))]  # under torchrun each rank refines its share
+    start, chunks = time.perf_counter(), []
+    for chunk in progress(mine.split(batch_size), desc="refine images", unit="batch"):
+        chunks.append(_refine_batch(teacher, bns, preprocess, chunk.to(device), steps, lr).cpu())
+    refined = distributed.gather_blocks(torch.cat(chunks) if chunks else mine)
+    log.info("refined %d images toward the teacher's BatchNorm statistics in %.1f s (%d steps)", len(refined),
+             time.perf_counter() - start, steps)
+    return ImageTensor(refined)
+
+
+def _uint8_images(unlabeled: torch.utils.data.Dataset) -> torch.Tensor:
+    images = getattr(unlabeled, "images", None)
+    if images is None:
+        images = torch.stack([unlabeled[i] for i in range(len(unlabeled))])
+    if images.dtype != torch.uint8 or images.ndim != 4:
+        raise LabellessError(f"refining needs uint8 images (N, C, H, W), got {images.dtype} {tuple(images.shape)}")
+    return images
+
+
+def _refine_batch(teacher, bns, preprocess, images: torch.Tensor, steps: int, lr: float) -> torch.Tensor:
+    x = preprocess(images).detach().requires_grad_(True)
+    low, high = (0 - preprocess.mean) / preprocess.std, (1 - preprocess.mean) / preprocess.std
+    optimizer = torch.optim.Adam([x], lr=lr)
+    frozen = [p.requires_grad for p in teacher.parameters()]
+    for p in teacher.parameters():
+        p.requires_grad_(False)
+    try:
+        for _ in range(steps):
+            loss = bn_statistics_loss(teacher, bns, x)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            with torch.no_grad():  # stay within what pixels can be
+                x.copy_(torch.maximum(torch.minimum(x, high), low))
+    finally:
+        for p, flag in zip(teacher.parameters(), frozen):
+            p.requires_grad_(flag)
+    return _to_uint8(x.detach(), preprocess, images)
+
+
+def bn_statistics_loss(teacher: nn.Module, bns: list[nn.Module], x: torch.Tensor) -> torch.Tensor:
+    """Mean over BatchNorm layers of the squared distance between the batch's per-channel
+    mean and variance at that layer's input and the layer's running statistics."""
+    seen: list[tuple[nn.Module, torch.Tensor]] = []
+    hooks = [bn.register_forward_hook(lambda module, inputs, _: seen.append((module, inputs[0]))) for bn in bns]
+    try:
+        teacher(x)
+    finally:
+        for hook in hooks:
+            hook.remove()
+    terms = []
+    for bn, activation in seen:
+        dims = [d for d in range(activation.ndim) if d != 1]
+        mean, var = activation.mean(dims), activation.var(dims, unbiased=False)
+        terms.append((mean - bn.running_mean).pow(2).mean() + (var - bn.running_var).pow(2).mean())
+    return torch.stack(terms).mean()
+
+
+def _to_uint8(x: torch.Tensor, preprocess: nn.Module, like: torch.Tensor) -> torch.Tensor:
+    """Normalised pixels back to uint8 images of ``like``'s channels (and, if it differs, size)."""
+    unit = (x * preprocess.std + preprocess.mean).clamp(0, 1)
+    if unit.shape[1] != like.shape[1]:  # the preprocessing replicated gray or took luminance
+        unit = unit.mean(1, keepdim=True).expand(-1, like.shape[1], -1, -1)
+    return unit.mul(255).round().to(torch.uint8)
