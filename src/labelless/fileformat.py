@@ -47,7 +47,7 @@ from torch import nn
 
 from . import coding
 from .errors import FileFormatError, LabellessError, ModelError
-from .io import atomic_path
+from .io import atomic_path, check_input_file
 from .layers import list_layers
 from .models import ModelSpec, build_model
 from .quantize import install, quantized_tensors
@@ -272,9 +272,7 @@ def read(path: str | Path) -> LlessFile:
     Raises :class:`FileFormatError` (a ``ValueError``) for anything truncated, corrupted,
     of another version, or inconsistent with itself.
     """
-    path = Path(path)
-    if not path.is_file():
-        raise FileFormatError(f"{str(path)!r} does not exist or is not a file")
+    path = check_input_file(path, ".lless file", FileFormatError)
     data = path.read_bytes()
     header_len, raw_header = _safetensors_header(data, path)
     header = _labelless_header(raw_header, path)
