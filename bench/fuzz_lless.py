@@ -648,11 +648,16 @@ def _op_centroids(rng: random.Random, header: dict, tensors: dict) -> str:
     return f"{key} codebook gets {value}"
 
 
+def _indexed_entry(rng: random.Random, header: dict, coding: str) -> str | None:
+    """A random quantized tensor of ``coding`` that has index data (k > 1), or None."""
+    keys = [k for k in _entries(header, "quantized", coding=coding) if header["tensors"][k]["bits"]]
+    return rng.choice(keys) if keys else None
+
+
 def _op_packed_indices(rng: random.Random, header: dict, tensors: dict) -> str | None:
-    keys = [k for k in _entries(header, "quantized", coding="packed") if header["tensors"][k]["bits"]]
-    if not keys:
+    key = _indexed_entry(rng, header, "packed")
+    if key is None:
         return None
-    key = rng.choice(keys)
     data = tensors[f"{key}::indices"].clone()
     spots = rng.choice([[0], [data.numel() - 1], list(range(data.numel()))])
     for spot in spots:
@@ -681,10 +686,9 @@ def _op_resize_codebook(rng: random.Random, header: dict, tensors: dict) -> str:
 
 
 def _op_ans_data(rng: random.Random, header: dict, tensors: dict) -> str | None:
-    keys = [k for k in _entries(header, "quantized", coding="ans") if header["tensors"][k]["bits"]]
-    if not keys:
+    key = _indexed_entry(rng, header, "ans")
+    if key is None:
         return None
-    key = rng.choice(keys)
     data = tensors[f"{key}::indices"].numpy().copy()
     op = rng.randrange(6)
     if op == 0:
@@ -704,10 +708,9 @@ def _op_ans_data(rng: random.Random, header: dict, tensors: dict) -> str | None:
 
 
 def _op_counts(rng: random.Random, header: dict, tensors: dict) -> str | None:
-    keys = [k for k in _entries(header, "quantized", coding="ans") if header["tensors"][k]["bits"]]
-    if not keys:
+    key = _indexed_entry(rng, header, "ans")
+    if key is None:
         return None
-    key = rng.choice(keys)
     counts = tensors[f"{key}::counts"].clone()
     op = rng.randrange(6)
     i, j = rng.randrange(counts.numel()), rng.randrange(counts.numel())

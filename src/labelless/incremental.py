@@ -12,7 +12,7 @@ cannot trace fall back to an empty prefix and the whole model as the suffix.
 from __future__ import annotations
 
 import logging
-from typing import Callable
+from typing import Callable, Iterable
 
 import torch
 from torch import fx, nn
@@ -55,22 +55,21 @@ class Splitter:
 
 
 def _descendants(starts: list[fx.Node]) -> set[fx.Node]:
-    seen, stack = set(starts), list(starts)
-    while stack:
-        for user in stack.pop().users:
-            if user not in seen:
-                seen.add(user)
-                stack.append(user)
-    return seen
+    return _closure(starts, lambda node: node.users)
 
 
 def _ancestors(ends: list[fx.Node]) -> set[fx.Node]:
-    seen, stack = set(ends), list(ends)
+    return _closure(ends, lambda node: node.all_input_nodes)
+
+
+def _closure(starts: list[fx.Node], neighbours: Callable[[fx.Node], Iterable[fx.Node]]) -> set[fx.Node]:
+    """``starts`` and every node reachable from them through ``neighbours``."""
+    seen, stack = set(starts), list(starts)
     while stack:
-        for arg in stack.pop().all_input_nodes:
-            if arg not in seen:
-                seen.add(arg)
-                stack.append(arg)
+        for node in neighbours(stack.pop()):
+            if node not in seen:
+                seen.add(node)
+                stack.append(node)
     return seen
 
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import collections
 import dataclasses
+import hashlib
 import json
 import logging
 import math
@@ -32,6 +33,8 @@ __all__ = [
     "load_state_dict_file",
     "load_weights",
     "save_checkpoint",
+    "state_digest",
+    "tensor_bytes",
     "stored_normalisation",
     "check_input_size",
     "check_finite",
@@ -245,6 +248,20 @@ def load_state_dict_file(path: str | Path) -> dict[str, torch.Tensor]:
     else:
         state = _read_torch(path)
     return _strip_prefixes(_unwrap(state, path))
+
+
+def tensor_bytes(tensor: torch.Tensor) -> bytes:
+    """The exact bytes of ``tensor``'s values, in row-major order."""
+    return tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes()
+
+
+def state_digest(model: nn.Module) -> str:
+    """sha256 over every entry of ``model``'s state_dict: its name and its exact bytes."""
+    digest = hashlib.sha256()
+    for name, tensor in sorted(model.state_dict().items()):
+        digest.update(name.encode())
+        digest.update(tensor_bytes(tensor))
+    return digest.hexdigest()
 
 
 NORMALISATION_KEY = "labelless.normalisation"  # safetensors metadata: {"mean": [...], "std": [...]}

@@ -25,7 +25,7 @@ from .config import from_mapping, to_mapping
 from .evaluate import accuracy, agreement, predict_labeled, resolve_device
 from .fileformat import save
 from .io import atomic_write_json, atomic_write_text
-from .models import ModelSpec, build_model, load_weights, save_checkpoint
+from .models import ModelSpec, build_model, load_weights, save_checkpoint, state_digest
 from .plan import load_plan
 from .quantize import quantize, unquantized_parameters
 from .retrain import NOTHING_TO_RETRAIN, RetrainConfig, retrain, retrain_labeled
@@ -229,7 +229,7 @@ def _plan(run: _Run, preprocess):
     unlabeled = _open(data.unlabeled, "train", False, run.spec, cfg.limit, run.config.seed)
     sweep_config = SweepConfig(clusters=cfg.clusters, include_bias=cfg.include_bias, batch_size=cfg.batch_size)
     identity = {"spec": run.spec.to_dict(), "data": data.unlabeled, "limit": cfg.limit, "seed": run.config.seed,
-                "teacher": _fingerprint(run.teacher)}
+                "teacher": state_digest(run.teacher)[:16]}
     result = sweep(run.teacher, unlabeled, preprocess, config=sweep_config, out_dir=run.out / "sweep",
                    identity=identity, device=run.device)
     return distributed.on_main(lambda: _search(run, result, unlabeled, preprocess))  # the others wait
@@ -255,16 +255,6 @@ def _plan_header(found) -> str:
             f"{best.measured_drop:.2f} points (budget {found.max_drop}), predicted {best.predicted_drop:.2f}")
 
 
-def _fingerprint(model: nn.Module) -> str:
-    import hashlib
-
-    digest = hashlib.sha256()
-    for key, value in sorted(model.state_dict().items()):
-        digest.update(key.encode())
-        digest.update(value.detach().float().sum().cpu().numpy().tobytes())
-    return digest.hexdigest()[:16]
-
-
 def _evaluate(run: _Run, model: nn.Module, test, preprocess, filename: str) -> dict[str, Any]:
     if not distributed.is_main():  # rank 0 alone measures and writes
         return {}
@@ -288,34 +278,39 @@ def _nothing_to_retrain(run: _Run, quantized: nn.Module, test, preprocess, filen
 
 
 def _labelfree(run: _Run, quantized: nn.Module, test, preprocess) -> None:
-    skipped = _nothing_to_retrain(run, quantized, test, preprocess, "model.lless")
-    if skipped is not None:
-        run.report["retrained_labelfree"] = skipped
-        return
-    data = run.config.data
-    unlabeled = _open(data.unlabeled, "train", False, run.spec, data.unlabeled_limit, run.config.seed)
-    result = retrain(copy.deepcopy(quantized), run.teacher, unlabeled.unlabeled(), preprocess,
-                     config=run.config.retrain, checkpoint_dir=run.out / "checkpoints", device=run.device)
-    figures = _evaluate(run, result.model, test, preprocess, "model.lless")
-    run.report["retrained_labelfree"] = dict(figures, seconds=round(result.seconds, 2),
-                                             images_per_second=round(result.images_per_second, 1),
-                                             holdout_before=result.before, holdout_after=result.after,
-                                             best_epoch=result.best_epoch)
+    def train(student: nn.Module):
+        data = run.config.data
+        unlabeled = _open(data.unlabeled, "train", False, run.spec, data.unlabeled_limit, run.config.seed)
+        return retrain(student, run.teacher, unlabeled.unlabeled(), preprocess, config=run.config.retrain,
+                       checkpoint_dir=run.out / "checkpoints", device=run.device)
+
+    run.report["retrained_labelfree"] = _retrained(run, quantized, test, preprocess, "model.lless", train,
+                                                   holdout=True)
 
 
 def _labeled(run: _Run, quantized: nn.Module, test, preprocess) -> None:
-    skipped = _nothing_to_retrain(run, quantized, test, preprocess, "baseline.lless")
+    def train(student: nn.Module):
+        data = run.config.data
+        labeled = _open(data.baseline, "train", True, run.spec, data.baseline_limit, run.config.seed)
+        return retrain_labeled(student, labeled, preprocess, config=run.config.retrain,
+                               checkpoint_dir=run.out / "checkpoints", device=run.device)
+
+    run.report["retrained_labeled"] = _retrained(run, quantized, test, preprocess, "baseline.lless", train)
+
+
+def _retrained(run: _Run, quantized: nn.Module, test, preprocess, filename: str, train, holdout: bool = False
+               ) -> dict[str, Any]:
+    """Retrain a copy of ``quantized`` with ``train`` (unless nothing is left to train), write it
+    as ``filename`` and return its figures; ``holdout`` adds the held-out scores."""
+    skipped = _nothing_to_retrain(run, quantized, test, preprocess, filename)
     if skipped is not None:
-        run.report["retrained_labeled"] = skipped
-        return
-    data = run.config.data
-    labeled = _open(data.baseline, "train", True, run.spec, data.baseline_limit, run.config.seed)
-    result = retrain_labeled(copy.deepcopy(quantized), labeled, preprocess, config=run.config.retrain,
-                             checkpoint_dir=run.out / "checkpoints", device=run.device)
-    figures = _evaluate(run, result.model, test, preprocess, "baseline.lless")
-    run.report["retrained_labeled"] = dict(figures, seconds=round(result.seconds, 2),
-                                           images_per_second=round(result.images_per_second, 1),
-                                           best_epoch=result.best_epoch)
+        return skipped
+    result = train(copy.deepcopy(quantized))
+    figures = _evaluate(run, result.model, test, preprocess, filename)
+    if holdout:
+        figures.update(holdout_before=result.before, holdout_after=result.after)
+    return dict(figures, seconds=round(result.seconds, 2), images_per_second=round(result.images_per_second, 1),
+                best_epoch=result.best_epoch)
 
 
 def _finish(run: _Run, plan) -> dict[str, Any]:

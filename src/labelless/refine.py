@@ -20,8 +20,10 @@ preprocessing, caching and checkpoint fingerprint as any other image set.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import time
+from typing import Iterator
 
 import torch
 from torch import nn
@@ -76,8 +78,9 @@ def refine_images(
     images = _uint8_images(unlabeled)
     mine = images[distributed.block(len(images))]  # under torchrun each rank refines its share
     start, chunks = time.perf_counter(), []
-    for chunk in progress(mine.split(batch_size), desc="refine images", unit="batch"):
-        chunks.append(_refine_batch(teacher, bns, preprocess, chunk.to(device), steps, lr).cpu())
+    with _no_parameter_grads(teacher):  # gradients flow to the pixels only
+        for chunk in progress(mine.split(batch_size), desc="refine images", unit="batch"):
+            chunks.append(_refine_batch(teacher, bns, preprocess, chunk.to(device), steps, lr).cpu())
     refined = distributed.gather_blocks(torch.cat(chunks) if chunks else mine)
     log.info("refined %d images toward the teacher's BatchNorm statistics in %.1f s (%d steps)", len(refined),
              time.perf_counter() - start, steps)
@@ -97,21 +100,27 @@ def _refine_batch(teacher, bns, preprocess, images: torch.Tensor, steps: int, lr
     x = preprocess(images).detach().requires_grad_(True)
     low, high = (0 - preprocess.mean) / preprocess.std, (1 - preprocess.mean) / preprocess.std
     optimizer = torch.optim.Adam([x], lr=lr)
-    frozen = [p.requires_grad for p in teacher.parameters()]
-    for p in teacher.parameters():
+    for _ in range(steps):
+        loss = bn_statistics_loss(teacher, bns, x)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        with torch.no_grad():  # stay within what pixels can be
+            x.copy_(torch.maximum(torch.minimum(x, high), low))
+    return _to_uint8(x.detach(), preprocess, images)
+
+
+@contextlib.contextmanager
+def _no_parameter_grads(model: nn.Module) -> Iterator[None]:
+    """``model``'s parameters with ``requires_grad`` off, restored on exit."""
+    flags = [p.requires_grad for p in model.parameters()]
+    for p in model.parameters():
         p.requires_grad_(False)
     try:
-        for _ in range(steps):
-            loss = bn_statistics_loss(teacher, bns, x)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-            with torch.no_grad():  # stay within what pixels can be
-                x.copy_(torch.maximum(torch.minimum(x, high), low))
+        yield
     finally:
-        for p, flag in zip(teacher.parameters(), frozen):
+        for p, flag in zip(model.parameters(), flags):
             p.requires_grad_(flag)
-    return _to_uint8(x.detach(), preprocess, images)
 
 
 def bn_statistics_loss(teacher: nn.Module, bns: list[nn.Module], x: torch.Tensor) -> torch.Tensor:

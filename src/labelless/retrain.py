@@ -53,6 +53,7 @@ from . import distributed
 from .errors import LabellessError
 from .evaluate import agreement, autocast, kl_divergence
 from .io import atomic_path
+from .models import state_digest, tensor_bytes
 from .progress import progress
 from .quantize import quantized_tensors
 from .refine import refine_images
@@ -372,11 +373,9 @@ def _identity(config: RetrainConfig, kind: str, models: tuple[nn.Module, nn.Modu
     state after epoch e does not depend on it), the data and its preprocessing (``data``, see
     :func:`_data_digest`) and the starting models' bytes."""
     settings = {k: v for k, v in dataclasses.asdict(config).items() if k != "epochs"}
-    payload = json.dumps({"config": settings, "kind": kind, "data": data}, sort_keys=True)
-    digest = hashlib.sha256(payload.encode())
-    for model in models:
-        _digest_state(digest, model)
-    return digest.hexdigest()
+    states = [None if model is None else state_digest(model) for model in models]
+    payload = json.dumps({"config": settings, "kind": kind, "data": data, "models": states}, sort_keys=True)
+    return hashlib.sha256(payload.encode()).hexdigest()
 
 
 def _data_digest(source: _ImageSource, preprocess: nn.Module, n_sampled: int = 64) -> str:
@@ -387,16 +386,9 @@ def _data_digest(source: _ImageSource, preprocess: nn.Module, n_sampled: int = 6
     images, labels = source.batch(torch.linspace(0, len(source) - 1, n_sampled).round().long().unique())
     for tensor in (images, labels, *preprocess.buffers()):
         if tensor is not None:
-            digest.update(tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
+            digest.update(tensor_bytes(tensor))
     digest.update(repr(getattr(preprocess, "size", None)).encode())
     return digest.hexdigest()
-
-
-def _digest_state(digest: Any, model: nn.Module | None) -> None:
-    """Feed every tensor of ``model`` (names and exact bytes) into ``digest``."""
-    for name, tensor in sorted(model.state_dict().items()) if model is not None else []:
-        digest.update(name.encode())
-        digest.update(tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
 
 
 def _is_bn_statistic(name: str) -> bool:

@@ -75,7 +75,7 @@ def model_spec(args: argparse.Namespace) -> ModelSpec:
 
 def _normalisation(args: argparse.Namespace) -> tuple[tuple[float, ...], tuple[float, ...]]:
     weights = getattr(args, "weights", None)
-    stored = stored_normalisation(weights) if weights and Path(weights).is_file() else None
+    stored = stored_normalisation(weights) if weights else None
     if stored is None:
         return args.mean, args.std
     if not args.mean and not args.std:

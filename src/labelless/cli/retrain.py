@@ -81,11 +81,11 @@ def run(args: argparse.Namespace) -> int:
     device = distributed.device(args.device)
     preprocess = Preprocess.for_spec(spec).to(device)
     config = retrain_config(args)
+    if not (config.tune_centroids or unquantized_parameters(student)):
+        return _skip(args, student)
     checkpoints = Path(args.checkpoint_dir or f"{args.output}.ckpt")
     test = _test_set(args, spec)
     before = _accuracy(student, test, preprocess, device)
-    if not (config.tune_centroids or unquantized_parameters(student)):
-        return _skip(args, student)
     result = _retrain(args, spec, student, teacher, preprocess, config, checkpoints, device)
     after = _accuracy(result.model, test, preprocess, device)
     if distributed.is_main():
