@@ -504,7 +504,7 @@ def _lie_dtype(rng: random.Random, header: dict) -> str:
 
 
 def _lie_version(rng: random.Random, header: dict) -> str:
-    header["version"] = rng.choice([0, 2, 99, -1, "1", 1.0, True, None, 10**30, [1]])
+    header["version"] = rng.choice([0, 3, 99, -1, "1", 1.0, True, None, 10**30, [1]])
     return f"version {header['version']!r}"
 
 

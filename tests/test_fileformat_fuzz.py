@@ -229,8 +229,8 @@ def test_lying_shape_is_rejected(spec_file, tmp_path):
 
 
 def test_unknown_version_is_rejected(spec_file, tmp_path):
-    path = _rewrite_header(spec_file, tmp_path / "v.lless", lambda h: h.update(version=2))
-    _refused(path, "version 2 is not supported")
+    path = _rewrite_header(spec_file, tmp_path / "v.lless", lambda h: h.update(version=3))
+    _refused(path, "version 3 is not supported")
 
 
 @pytest.mark.parametrize("name", ["resnet_9000", "os.system", ""])

@@ -14,6 +14,10 @@ initializer whose values are exactly those of a quantized tensor is replaced by
 
   or, for k = 1, ``Expand(codebook, shape)`` with no index data at all.
 
+  Per-channel codebooks, ``<name>::codebook`` (G, k): the indices of output channel c are
+  offset by ``(c * G // C) * k`` into the flattened codebook before the Gather
+  (``Reshape(C, -1) -> Add(<name>::offsets (C, 1)) -> Reshape(-1)``).
+
 The subgraph depends on initializers only, so ONNX Runtime folds it into a plain weight when
 the session loads (default optimisation level): inference then runs exactly as the dense
 graph does. Replacing by value, not by name, means an exporter that renames or transforms a
@@ -239,12 +243,12 @@ def _compress_graph(graph, quantized: dict[str, QuantizedTensor]) -> dict[str, i
 
 
 def _by_value(quantized: dict[str, QuantizedTensor]) -> dict[tuple, tuple[str, np.ndarray, np.ndarray]]:
-    """fingerprint of the dense values -> (key, centroids (k,), indices (shape))."""
+    """fingerprint of the dense values -> (key, centroids (k,) or (G, k), indices (shape))."""
     wanted = {}
     for key, qt in quantized.items():
         centroids = qt.centroids.detach().cpu().float().numpy()
         indices = qt.indices.detach().cpu().numpy()
-        wanted.setdefault(_fingerprint(centroids[indices]), (key, centroids, indices))
+        wanted.setdefault(_fingerprint(qt.dense().cpu().float().numpy()), (key, centroids, indices))
     return wanted
 
 
@@ -283,14 +287,33 @@ class _Builder:
 
 def _decode(b: _Builder, name: str, centroids: np.ndarray, indices: np.ndarray) -> None:
     """Nodes computing ``name = centroids[indices]`` from a codebook and packed indices."""
-    codebook = b.tensor(f"{name}::codebook", centroids.astype(np.float32))  # (k,)
+    k = centroids.shape[-1]
+    codebook = b.tensor(f"{name}::codebook", centroids.astype(np.float32))  # (k,) or (G, k)
     shape = b.constant(f"shape_{'x'.join(map(str, indices.shape))}", np.array(indices.shape, np.int64))
     if centroids.size == 1:
         b.node("Expand", [codebook, shape], name)
         return
-    flat = _unpack(b, name, indices.reshape(-1), coding.index_bits(centroids.size))  # (n,) int32
+    if k == 1:
+        flat = b.constant(f"zeros_{indices.size}", np.zeros(indices.size, np.int32))  # (n,)
+    else:
+        flat = _unpack(b, name, indices.reshape(-1), coding.index_bits(k))  # (n,) int32
+    if centroids.ndim == 2:
+        flat = _offset_by_channel(b, name, flat, centroids.shape, indices.shape[0])
+        codebook = b.node("Reshape", [codebook, b.constant("flat", np.array([-1], np.int64))], f"{name}::table")
     gathered = b.node("Gather", [codebook, flat], f"{name}::values", axis=0)  # (n,)
     b.node("Reshape", [gathered, shape], name)
+
+
+def _offset_by_channel(b: _Builder, name: str, flat: str, table: tuple[int, int], n_channels: int) -> str:
+    """(n,) indices into one (G, k) codebook row each -> (n,) indices into the flattened table."""
+    from .quantize import group_of_channel
+
+    groups, k = table
+    rows_shape = b.constant(f"rows_{n_channels}", np.array([n_channels, -1], np.int64))
+    rows = b.node("Reshape", [flat, rows_shape], f"{name}::rows")  # (C, n / C)
+    offsets = (group_of_channel(n_channels, groups).numpy() * k).astype(np.int32)[:, None]  # (C, 1)
+    shifted = b.node("Add", [rows, b.tensor(f"{name}::offsets", offsets)], f"{name}::shifted_rows")
+    return b.node("Reshape", [shifted, b.constant("flat", np.array([-1], np.int64))], f"{name}::offset_flat")
 
 
 def _unpack(b: _Builder, name: str, indices: np.ndarray, bits: int) -> str:

@@ -1,10 +1,12 @@
 """The ``.lless`` file: a compressed model in one safetensors container, no pickle.
 
-Layout (format version 1)::
+Layout (format version 2; a file without per-channel codebooks is written as version 1,
+which is the same layout without the ``codebooks`` field)::
 
     safetensors file
       __metadata__["labelless"] = JSON header (below)
-      <key>::codebook   F32|F16 (k,)      for each quantized tensor <key> (a state_dict key)
+      <key>::codebook   F32|F16 (k,)      for each quantized tensor <key> (a state_dict key),
+                        or (G, k)         with one codebook per group of output channels
       <key>::indices    U8 (bytes,)       bit-packed or ANS-coded indices; absent when k = 1
       <key>::counts     I64 (k,)          values per centroid; only with ANS coding
       <key>             F32|F16|...       every other state_dict tensor
@@ -14,7 +16,8 @@ Layout (format version 1)::
       "architecture": ModelSpec as a mapping, or null for a model given at load time,
       "plan": [rules], "layers": [{"index", "name", "type"}],
       "tensors": {<key>: {"kind": "quantized", "shape", "n_clusters", "bits", "coding",
-                          "codebook_dtype"} | {"kind": "dense", "shape", "dtype", "stored_dtype"}},
+                          "codebook_dtype", ["codebooks": G, only when G > 1]}
+                        | {"kind": "dense", "shape", "dtype", "stored_dtype"}},
       "aliases": {<key>: <key it shares storage with>},
       "fp32_bytes": size of the model's fp32 state_dict saved as safetensors,
       "checksum": {"algorithm": "sha256",
@@ -57,7 +60,8 @@ __all__ = ["save", "load", "read", "inspect", "LlessFile", "FORMAT_VERSION"]
 log = logging.getLogger(__name__)
 
 FORMAT = "labelless"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
+READABLE_VERSIONS = (1, 2)
 MAX_HEADER_BYTES = 64 << 20
 MAX_TENSORS = 100_000
 MAX_NDIM = 8
@@ -120,7 +124,7 @@ def save(
     tensors, entries, aliases = _encode_state(model, codebook_dtype, dense_dtype, entropy)
     header = {
         "format": FORMAT,
-        "version": FORMAT_VERSION,
+        "version": layout_version(entries),
         "architecture": None if spec is None else spec.to_dict(),
         "plan": _plan_data(model),
         "layers": [{"index": l.index, "name": l.name, "type": l.type} for l in list_layers(model)],
@@ -132,6 +136,11 @@ def save(
     with atomic_path(path) as tmp:
         safetensors.torch.save_file(tensors, str(tmp), metadata={FORMAT: json.dumps(header)})
     return inspect(path)
+
+
+def layout_version(entries: dict[str, Any]) -> int:
+    """The lowest format version that holds these tensors: 2 only for per-channel codebooks."""
+    return 2 if any(entry.get("codebooks", 1) > 1 for entry in entries.values()) else 1
 
 
 def _plan_data(model: nn.Module) -> list | None:
@@ -181,7 +190,7 @@ def _encode_quantized(key: str, qt, codebook_dtype: str, entropy: str, tensors: 
         tensors[f"{key}::counts"] = torch.from_numpy(counts)
     elif bits:
         tensors[f"{key}::indices"] = torch.from_numpy(coding.pack(indices, bits))
-    return {
+    entry = {
         "kind": "quantized",
         "shape": list(qt.indices.shape),
         "n_clusters": k,
@@ -189,6 +198,9 @@ def _encode_quantized(key: str, qt, codebook_dtype: str, entropy: str, tensors: 
         "coding": "ans" if use_ans else "packed",
         "codebook_dtype": codebook_dtype,
     }
+    if qt.n_codebooks > 1:
+        entry["codebooks"] = qt.n_codebooks
+    return entry
 
 
 def _encode_dense(key: str, value: torch.Tensor, dense_dtype: str, tensors: dict) -> dict:
@@ -348,7 +360,7 @@ def _check_header(header: Any) -> None:
     _expect(_is_hex_digest(header["checksum"].get("header")), "the header has no sha256 checksum of itself")
     _expect(len(header["tensors"]) + len(header["aliases"]) <= MAX_TENSORS, "too many tensors")
     for key, entry in header["tensors"].items():
-        _check_entry(key, entry)
+        _check_entry(key, entry, header["version"])
     for key, target in header["aliases"].items():
         _expect(isinstance(target, str) and target in header["tensors"] and key not in header["tensors"],
                 f"alias {_quote(key)} points at no stored tensor")
@@ -357,10 +369,10 @@ def _check_header(header: Any) -> None:
 
 def _check_version(version: Any) -> None:
     _expect(isinstance(version, int) and not isinstance(version, bool), "the header has no format version")
-    if version != FORMAT_VERSION:
+    if version not in READABLE_VERSIONS:
         raise FileFormatError(
-            f"format version {_quote(version)} is not supported (this labelless reads version "
-            f"{FORMAT_VERSION}): use the labelless release that wrote it"
+            f"format version {_quote(version)} is not supported (this labelless reads versions "
+            f"{', '.join(map(str, READABLE_VERSIONS))}): use the labelless release that wrote it"
         )
 
 
@@ -392,20 +404,20 @@ def _check_layers(layers: list) -> None:
         names.add(layer["name"])
 
 
-def _check_entry(key: str, entry: Any) -> None:
+def _check_entry(key: str, entry: Any, version: int) -> None:
     _expect(key != "" and "::" not in key and isinstance(entry, dict), f"bad tensor entry {_quote(key)}")
     shape = entry.get("shape")
     _expect(isinstance(shape, list) and len(shape) <= MAX_NDIM and all(_is_count(d) for d in shape),
             f"tensor {_quote(key)} has a bad shape")
     _expect(math.prod(shape) <= MAX_VALUES, f"tensor {_quote(key)} is impossibly large")
     if entry.get("kind") == "quantized":
-        _check_quantized_entry(key, entry, math.prod(shape))
+        _check_quantized_entry(key, entry, math.prod(shape), version)
     else:
         _expect(entry.get("kind") == "dense", f"tensor {_quote(key)} has an unknown kind")
         _check_dense_entry(key, entry)
 
 
-def _check_quantized_entry(key: str, entry: dict, n_values: int) -> None:
+def _check_quantized_entry(key: str, entry: dict, n_values: int, version: int) -> None:
     k, bits = entry.get("n_clusters"), entry.get("bits")
     _expect(_is_count(k) and 1 <= k <= MAX_CLUSTERS, f"tensor {_quote(key)} has a bad number of centroids")
     _expect(_is_count(bits) and bits == coding.index_bits(k), f"tensor {_quote(key)}: bits do not match its centroids")
@@ -413,6 +425,11 @@ def _check_quantized_entry(key: str, entry: dict, n_values: int) -> None:
     _expect(_is_one_of(entry.get("codebook_dtype"), ("float32", "float16")),
             f"tensor {_quote(key)}: bad codebook dtype")
     _expect(k <= max(1, n_values), f"tensor {_quote(key)} has more centroids than values")
+    if "codebooks" in entry:
+        groups, shape = entry["codebooks"], entry["shape"]
+        _expect(_is_count(groups) and 2 <= groups and len(shape) >= 2 and groups <= shape[0],
+                f"tensor {_quote(key)} has a bad number of codebooks")
+        _expect(version >= 2, f"tensor {_quote(key)} has per-channel codebooks in a version-1 file")
 
 
 def _check_dense_entry(key: str, entry: dict) -> None:
@@ -459,8 +476,8 @@ def _expected_tensors(header: dict) -> dict[str, tuple[tuple[torch.dtype, ...], 
         if entry["kind"] == "dense":
             expected[key] = ((_DTYPES[entry["stored_dtype"]],), tuple(entry["shape"]))
             continue
-        k = entry["n_clusters"]
-        expected[f"{key}::codebook"] = ((_DTYPES[entry["codebook_dtype"]],), (k,))
+        k, groups = entry["n_clusters"], entry.get("codebooks", 1)
+        expected[f"{key}::codebook"] = ((_DTYPES[entry["codebook_dtype"]],), (k,) if groups == 1 else (groups, k))
         if entry["coding"] == "ans":
             expected[f"{key}::indices"] = ((torch.uint8,), None)
             expected[f"{key}::counts"] = ((torch.int64,), (k,))
@@ -610,7 +627,7 @@ def _fill(model: nn.Module, lless: LlessFile) -> None:
 
 
 def _decode_quantized(key: str, entry: dict, lless: LlessFile) -> tuple[nn.Parameter, torch.Tensor]:
-    centroids = lless.tensors[f"{key}::codebook"].float()  # (k,)
+    centroids = lless.tensors[f"{key}::codebook"].float()  # (k,) or (G, k)
     if not torch.isfinite(centroids).all():
         raise FileFormatError(f"{lless.path}: tensor {_quote(key)} has non-finite centroids: the file is corrupted")
     try:
@@ -688,6 +705,6 @@ def _layer_row(layer: dict, keys: list[str], header: dict, stored: dict[str, int
         if entry["kind"] == "quantized":
             row[field_name] = entry["n_clusters"]
             if entry["coding"] == "ans" and key not in aliases:
-                codebook = entry["n_clusters"] * (2 if entry["codebook_dtype"] == "float16" else 4)
+                codebook = entry.get("codebooks", 1) * entry["n_clusters"] * (2 if entry["codebook_dtype"] == "float16" else 4)
                 row["packed_bytes"] += codebook + coding.packed_size(n_values, entry["bits"]) - own
     return row

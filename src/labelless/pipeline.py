@@ -24,6 +24,7 @@ from . import distributed
 from .config import from_mapping, to_mapping
 from .evaluate import accuracy, agreement, predict_labeled, resolve_device
 from .fileformat import save
+from .importance import fisher_importance
 from .io import atomic_write_json, atomic_write_text
 from .models import ModelSpec, build_model, load_weights, save_checkpoint, state_digest
 from .plan import load_plan
@@ -73,6 +74,9 @@ class SweepSection:
     limit: int = 256  # unlabelled images the sweep and search measure on
     batch_size: int = 256
     include_bias: bool = True
+    importance: bool = True  # weight the k-means by Fisher importance on the unlabelled images
+    importance_images: int = 512  # images the importance is averaged over
+    granularities: tuple[str, ...] = ("per_tensor",)  # codebook granularities the sweep tries
 
 
 @dataclass(frozen=True)
@@ -143,8 +147,9 @@ def run_pipeline(config: RunConfig) -> dict[str, Any]:
     preprocess = Preprocess.for_spec(run.spec).to(run.device)
     test = _open(config.data.test, "test", True, run.spec, config.data.test_limit, config.seed)
     run.report["original"] = _original(run, test, preprocess)
-    plan = _stage(run, "sweep and search", lambda r: _plan(r, preprocess))
-    quantized = quantize(run.teacher, plan)
+    importance = _stage(run, "importance", lambda r: _importance(r, preprocess))
+    plan = _stage(run, "sweep and search", lambda r: _plan(r, preprocess, importance))
+    quantized = quantize(run.teacher, plan, importance=importance)
     run.report["quantized"] = _evaluate(run, quantized, test, preprocess, "quantized.lless")
     _stage(run, "label-free retraining", lambda r: _labelfree(r, quantized, test, preprocess))
     if config.baseline:
@@ -221,24 +226,38 @@ def _original(run: _Run, test, preprocess) -> dict[str, Any]:
     return {"accuracy": accuracy(logits, labels), "bytes": fp32_safetensors_bytes(run.teacher)}
 
 
-def _plan(run: _Run, preprocess):
+def _importance(run: _Run, preprocess) -> dict[str, torch.Tensor] | None:
+    """Fisher importance of every weight on the unlabelled images (no label read), or None."""
+    cfg = run.config.sweep
+    if not cfg.importance:
+        return None
+    data = run.config.data
+    images = _open(data.unlabeled, "train", False, run.spec, cfg.importance_images, run.config.seed)
+    return fisher_importance(run.teacher, images.unlabeled(), preprocess, n_images=cfg.importance_images,
+                             seed=run.config.seed, device=run.device)
+
+
+def _plan(run: _Run, preprocess, importance):
     section = run.config.search
     if section.plan:
         return load_plan(section.plan)
     cfg, data = run.config.sweep, run.config.data
     unlabeled = _open(data.unlabeled, "train", False, run.spec, cfg.limit, run.config.seed)
-    sweep_config = SweepConfig(clusters=cfg.clusters, include_bias=cfg.include_bias, batch_size=cfg.batch_size)
+    sweep_config = SweepConfig(clusters=cfg.clusters, include_bias=cfg.include_bias, batch_size=cfg.batch_size,
+                               granularities=cfg.granularities)
     identity = {"spec": run.spec.to_dict(), "data": data.unlabeled, "limit": cfg.limit, "seed": run.config.seed,
-                "teacher": state_digest(run.teacher)[:16]}
+                "teacher": state_digest(run.teacher)[:16],
+                "importance": cfg.importance_images if importance is not None else None}
     result = sweep(run.teacher, unlabeled, preprocess, config=sweep_config, out_dir=run.out / "sweep",
-                   identity=identity, device=run.device)
-    return distributed.on_main(lambda: _search(run, result, unlabeled, preprocess))  # the others wait
+                   identity=identity, device=run.device, importance=importance)
+    return distributed.on_main(lambda: _search(run, result, unlabeled, preprocess, importance))  # the others wait
 
 
-def _search(run: _Run, result, unlabeled, preprocess):
+def _search(run: _Run, result, unlabeled, preprocess, importance):
     """Measure plans on the sweep's images (rank 0 alone) and write plan.yaml and search.json."""
     section, cfg = run.config.search, run.config.sweep
     reference = prepare_reference(run.teacher, unlabeled, preprocess, None, cfg.batch_size, run.device)
+    reference.importance = importance
     found = search(result, make_evaluator(reference, section.metric), max_drop=section.max_drop, metric=section.metric)
     plan = found.best.plan()
     plan.save(run.out / "plan.yaml", header=_plan_header(found))

@@ -10,6 +10,14 @@ field. Layers no rule mentions stay at full precision::
                          # or several of these joined by commas ("conv1,14-15")
 
 ``weights``/``bias`` take a whole number of centroids >= 1, or ``null`` for full precision.
+Two more fields shape how a layer's *weights* are clustered::
+
+    - layers: "*"
+      weights: 4
+      granularity: per_channel   # per_tensor (default): one codebook for the tensor;
+      group_size: 1              # per_channel: one codebook per group_size output channels
+      importance: true           # weight the k-means by label-free importance when quantize
+                                 # was given some (default); false: plain squared error
 """
 
 from __future__ import annotations
@@ -26,23 +34,54 @@ from .errors import PlanError
 from .io import check_input_file
 from .layers import QUANTIZABLE_TYPES, LayerInfo
 
-__all__ = ["Plan", "Rule", "LayerSetting", "load_plan"]
+__all__ = ["Plan", "Rule", "LayerSetting", "TensorChoice", "GRANULARITIES", "load_plan"]
 
-_FIELDS = ("layers", "weights", "bias")
+_FIELDS = ("layers", "weights", "bias", "granularity", "group_size", "importance")
+_OPTIONS = ("granularity", "group_size", "importance")
+GRANULARITIES = ("per_tensor", "per_channel")
 _UNSET = "unset"
 _MAX_CLUSTERS = 1 << 24
 
 
 @dataclass(frozen=True)
 class LayerSetting:
-    """Centroids for one layer's weights and bias; ``None`` keeps it at full precision."""
+    """Centroids for one layer's weights and bias; ``None`` keeps it at full precision.
+
+    ``granularity``/``group_size`` say how many codebooks the weights get (one, or one per
+    ``group_size`` output channels); ``importance`` whether label-free importance weights
+    the clustering when some is given.
+    """
 
     weights: int | None = None
     bias: int | None = None
+    granularity: str = "per_tensor"
+    group_size: int = 1
+    importance: bool = True
 
     @property
     def quantized(self) -> bool:
         return self.weights is not None or self.bias is not None
+
+
+@dataclass(frozen=True)
+class TensorChoice:
+    """How one tensor is quantized: ``k`` centroids, in one codebook or one per
+    ``group_size`` output channels. What the sweep tries and the search picks, per tensor."""
+
+    k: int
+    granularity: str = "per_tensor"
+    group_size: int = 1
+
+    @classmethod
+    def of(cls, value: "int | TensorChoice") -> "TensorChoice":
+        return value if isinstance(value, TensorChoice) else cls(int(value))
+
+    @property
+    def label(self) -> str:
+        """``"16"``, or ``"16/ch"`` per channel (``"16/ch4"`` per group of 4 channels)."""
+        if self.granularity == "per_tensor":
+            return str(self.k)
+        return f"{self.k}/ch" + (str(self.group_size) if self.group_size > 1 else "")
 
 
 @dataclass(frozen=True)
@@ -52,6 +91,9 @@ class Rule:
     layers: str
     weights: int | None | str = _UNSET
     bias: int | None | str = _UNSET
+    granularity: str = _UNSET
+    group_size: int | str = _UNSET
+    importance: bool | str = _UNSET
 
     def __post_init__(self) -> None:
         if not isinstance(self.layers, str) or not self.layers.strip():
@@ -60,13 +102,26 @@ class Rule:
             value = getattr(self, field)
             if value != _UNSET:
                 object.__setattr__(self, field, _clusters(value, field))
-        if self.weights == _UNSET and self.bias == _UNSET:
+        _check_options(self)
+        if all(getattr(self, f) == _UNSET for f in _FIELDS[1:]):
             raise PlanError(f"rule for layers {self.layers!r} sets neither 'weights' nor 'bias'")
 
+    def set_fields(self) -> dict[str, Any]:
+        """The fields this rule sets (all but ``layers``)."""
+        return {f: getattr(self, f) for f in _FIELDS[1:] if getattr(self, f) != _UNSET}
+
     def to_dict(self) -> dict[str, Any]:
-        data: dict[str, Any] = {"layers": self.layers}
-        data.update({f: getattr(self, f) for f in ("weights", "bias") if getattr(self, f) != _UNSET})
-        return data
+        return {"layers": self.layers, **self.set_fields()}
+
+
+def _check_options(rule: "Rule") -> None:
+    if rule.granularity != _UNSET and rule.granularity not in GRANULARITIES:
+        raise PlanError(f"'granularity' must be one of {list(GRANULARITIES)}, got {rule.granularity!r}")
+    size = rule.group_size
+    if size != _UNSET and (isinstance(size, bool) or not isinstance(size, int) or size < 1):
+        raise PlanError(f"'group_size' must be a whole number of output channels >= 1, got {size!r}")
+    if rule.importance != _UNSET and not isinstance(rule.importance, bool):
+        raise PlanError(f"'importance' must be true or false, got {rule.importance!r}")
 
 
 def _clusters(value: Any, field: str) -> int | None:
@@ -100,12 +155,19 @@ class Plan:
         return cls(tuple(_rule(item, position) for position, item in enumerate(data, 1)))
 
     @classmethod
-    def from_choice(cls, choice: dict[str, int]) -> "Plan":
-        """One rule per layer from ``{"<module name>.weight|bias": k}``, naming layers by name."""
+    def from_choice(cls, choice: dict[str, Any]) -> "Plan":
+        """One rule per layer from ``{"<module name>.weight|bias": k}``, naming layers by name.
+
+        A value may also be a :class:`TensorChoice` (k plus how the weights are clustered).
+        """
         rules: dict[str, dict[str, Any]] = {}
-        for key, k in choice.items():
+        for key, value in choice.items():
             layer, _, tensor = key.rpartition(".")
-            rules.setdefault(layer, {"layers": layer})["weights" if tensor == "weight" else "bias"] = k
+            option = TensorChoice.of(value)
+            rule = rules.setdefault(layer, {"layers": layer})
+            rule["weights" if tensor == "weight" else "bias"] = option.k
+            if tensor == "weight" and option.granularity != "per_tensor":
+                rule.update(granularity=option.granularity, group_size=option.group_size)
         return cls.from_data(list(rules.values()))
 
     @classmethod
@@ -137,7 +199,7 @@ class Plan:
         for rule in self.rules:
             for layer in select(rule.layers, layers, other_modules):
                 current = settings.setdefault(layer.name, {"weights": None, "bias": None})
-                current.update({f: getattr(rule, f) for f in ("weights", "bias") if getattr(rule, f) != _UNSET})
+                current.update(rule.set_fields())
         by_name = {layer.name: layer for layer in layers}
         resolved = {}
         for name, fields in settings.items():
@@ -161,7 +223,7 @@ def _rule(item: Any, position: int) -> Rule:
     if isinstance(layers, (int, list)) and not isinstance(layers, bool):
         layers = ",".join(str(x) for x in (layers if isinstance(layers, list) else [layers]))
     try:
-        return Rule(layers=layers, weights=item.get("weights", _UNSET), bias=item.get("bias", _UNSET))
+        return Rule(layers=layers, **{f: item.get(f, _UNSET) for f in _FIELDS[1:]})
     except PlanError as exc:
         raise PlanError(f"rule {position}: {exc}") from None
 

@@ -92,21 +92,22 @@ def plot_sweep(result: Any, folder: Any) -> None:
 
 
 def _heatmap(plt, result):
-    tensors = [t for t in ("weight", "bias") if any(r.tensor == t for r in result.rows)]
-    ks = sorted({r.k for r in result.rows})
-    layers = sorted({(r.index, r.layer) for r in result.rows})
+    rows = [r for r in result.rows if r.granularity == "per_tensor"]  # one cell per (layer, k)
+    tensors = [t for t in ("weight", "bias") if any(r.tensor == t for r in rows)]
+    ks = sorted({r.k for r in rows})
+    layers = sorted({(r.index, r.layer) for r in rows})
     figure, axes = plt.subplots(1, len(tensors), figsize=(4 + 2.2 * len(ks) * len(tensors) / 3, 1.5 + 0.22 * len(layers)),
                                 squeeze=False)
     for ax, tensor in zip(axes[0], tensors):
         grid = [[float("nan")] * len(ks) for _ in layers]
-        for r in result.rows:
+        for r in rows:
             if r.tensor == tensor:
                 grid[layers.index((r.index, r.layer))][ks.index(r.k)] = 100.0 - r.agreement
         image = ax.imshow(grid, aspect="auto", cmap="magma_r", vmin=0)
         ax.set_xticks(range(len(ks)), [str(k) for k in ks])
         ax.set_yticks(range(len(layers)), [f"{i} {n}" for i, n in layers], fontsize=7)
         ax.set_xlabel("centroids k")
-        ax.set_title(f"{tensor}s: drop in top-1 agreement (points)", fontsize=9)
+        ax.set_title(f"{'biases' if tensor == 'bias' else 'weights'}: drop in top-1 agreement (points)", fontsize=9)
         figure.colorbar(image, ax=ax, fraction=0.04)
     return figure
 

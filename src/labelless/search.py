@@ -23,7 +23,7 @@ import numpy as np
 import torch
 
 from .errors import LabellessError
-from .plan import Plan
+from .plan import Plan, TensorChoice
 from .sensitivity import Reference, SweepResult, SweepRow, variant
 
 __all__ = ["Candidate", "SearchResult", "search", "ladder", "make_evaluator"]
@@ -37,7 +37,7 @@ N_MULTIPLIERS = 400
 class Candidate:
     """One plan on the ladder and, once evaluated, what it really does."""
 
-    choice: dict[str, int]  # tensor key ("features.0.weight") -> k
+    choice: dict[str, TensorChoice]  # tensor key ("features.0.weight") -> k and granularity
     predicted_bytes: int
     predicted_drop: float  # sum of the single-tensor drops, in points
     predicted_kl: float
@@ -73,7 +73,7 @@ class SearchResult:
 
 def search(
     result: SweepResult,
-    evaluate: Callable[[dict[str, int]], tuple[int, float, dict[str, float]]],
+    evaluate: Callable[[dict[str, TensorChoice]], tuple[int, float, dict[str, float]]],
     *,
     max_drop: float | None = None,
     max_bytes: int | None = None,
@@ -178,7 +178,7 @@ def ladder(result: SweepResult, metric: str = "agreement") -> list[Candidate]:
 
 
 def _options(rows: list[SweepRow], metric: str, reference: dict) -> dict[str, list[tuple]]:
-    """Per tensor: (k, bytes saved, KL, drop) options, plus "not quantized"."""
+    """Per tensor: (choice, bytes saved, KL, drop) options, plus "not quantized"."""
     if metric == "accuracy" and reference.get("accuracy") is None:
         raise LabellessError("--metric accuracy needs a sweep run with --labeled data; use --metric agreement")
     if metric not in ("agreement", "accuracy"):
@@ -187,17 +187,17 @@ def _options(rows: list[SweepRow], metric: str, reference: dict) -> dict[str, li
     options: dict[str, list[tuple]] = {}
     for row in rows:
         drop = 100.0 - row.agreement if metric == "agreement" else reference["accuracy"] - row.accuracy
-        options.setdefault(row.key, [(None, 0, 0.0, 0.0)]).append((row.k, base - row.bytes, row.kl, drop))
+        options.setdefault(row.key, [(None, 0, 0.0, 0.0)]).append((row.choice, base - row.bytes, row.kl, drop))
     return options
 
 
-def _pick(options: list[tuple], lam: float) -> int | None:
+def _pick(options: list[tuple], lam: float) -> TensorChoice | None:
     if np.isinf(lam):
         return None
     return min(options, key=lambda o: (-o[1] + lam * o[2], o[2]))[0]
 
 
-def _candidate(choice: dict[str, int], options: dict[str, list[tuple]], base: int) -> Candidate:
+def _candidate(choice: dict[str, TensorChoice], options: dict[str, list[tuple]], base: int) -> Candidate:
     saved = kl = drop = 0.0
     for key, k in choice.items():
         option = next(o for o in options[key] if o[0] == k)
@@ -205,21 +205,24 @@ def _candidate(choice: dict[str, int], options: dict[str, list[tuple]], base: in
     return Candidate(choice, int(base - saved), float(drop), float(kl))
 
 
-def make_evaluator(reference: Reference, metric: str = "agreement") -> Callable[[dict[str, int]], tuple]:
+def make_evaluator(reference: Reference, metric: str = "agreement") -> Callable[[dict[str, TensorChoice]], tuple]:
     """``evaluate(choice) -> (file bytes, drop in points, figures)`` on the reference images.
 
     Quantized tensors are swapped into the original model in place and restored after,
-    and each (tensor, k) is clustered only once however often the search asks for it.
+    and each (tensor, choice) is clustered only once however often the search asks for it,
+    under the reference's importance when it has some.
     """
-    cache: dict[tuple[str, int], tuple] = {}
+    cache: dict[tuple[str, TensorChoice], tuple] = {}
     baseline = 100.0 if metric == "agreement" else reference.measure()["accuracy"] if reference.labeled else None
 
-    def evaluate(choice: dict[str, int]) -> tuple[int, float, dict[str, float]]:
+    def evaluate(choice: dict[str, TensorChoice | int]) -> tuple[int, float, dict[str, float]]:
+        choice = {key: TensorChoice.of(k) for key, k in choice.items()}
         swaps = []
         for key, k in choice.items():
             layer, _, tensor = key.rpartition(".")
             if (key, k) not in cache:
-                cache[(key, k)] = variant(reference.modules[layer], tensor, k)
+                scores = None if reference.importance is None else reference.importance.get(key)
+                cache[(key, k)] = variant(reference.modules[layer], tensor, k, scores)
             swaps.append((getattr(reference.modules[layer], tensor), cache[(key, k)]))
         originals = [param.detach().clone() for param, _ in swaps]
         try:
@@ -231,7 +234,7 @@ def make_evaluator(reference: Reference, metric: str = "agreement") -> Callable[
             with torch.no_grad():
                 for (param, _), original in zip(swaps, originals):
                     param.copy_(original)
-        n_clusters = {key: cache[(key, k)][3] for key, k in choice.items()}
+        n_clusters = {key: dataclasses.replace(k, k=cache[(key, k)][3]) for key, k in choice.items()}
         size = reference.sizer.size(n_clusters, Plan.from_choice(choice).to_data() if choice else None)
         return size, baseline - figures[metric], figures
 

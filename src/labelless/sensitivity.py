@@ -35,11 +35,10 @@ from .errors import LabellessError
 from .evaluate import accuracy, agreement, autocast, kl_divergence
 from .incremental import Splitter
 from .io import atomic_write_json, atomic_write_text
-from .kmeans import cluster
 from .layers import LayerInfo, list_layers
-from .plan import Plan
+from .plan import GRANULARITIES, Plan, TensorChoice
 from .progress import progress
-from .quantize import decode
+from .quantize import cluster_tensor, decode
 from .sizing import FileSizer
 
 __all__ = [
@@ -58,6 +57,8 @@ class SweepConfig:
     clusters: tuple[int, ...] = DEFAULT_CLUSTERS  # k values tried for every tensor
     include_bias: bool = True  # also sweep each layer's bias as a row of its own
     batch_size: int = 256
+    granularities: tuple[str, ...] = ("per_tensor",)  # codebook granularities tried for weights
+    group_size: int = 1  # output channels per codebook when per_channel
 
     def __post_init__(self) -> None:
         clusters = tuple(sorted(set(self.clusters)))
@@ -65,7 +66,18 @@ class SweepConfig:
             raise LabellessError(f"clusters must be whole numbers >= 1, got {list(self.clusters)}")
         if self.batch_size < 1:
             raise LabellessError(f"batch size must be >= 1, got {self.batch_size}")
+        granularities = tuple(dict.fromkeys(self.granularities))
+        if not granularities or any(g not in GRANULARITIES for g in granularities):
+            raise LabellessError(f"granularities must be among {list(GRANULARITIES)}, got {list(self.granularities)}")
+        if isinstance(self.group_size, bool) or not isinstance(self.group_size, int) or self.group_size < 1:
+            raise LabellessError(f"group size must be a whole number >= 1, got {self.group_size!r}")
         object.__setattr__(self, "clusters", clusters)
+        object.__setattr__(self, "granularities", granularities)
+
+    def choices(self, tensor: str, shape: tuple[int, ...]) -> list[TensorChoice]:
+        """What to try for one tensor: every k, at every granularity that applies to it."""
+        grains = self.granularities if tensor == "weight" and len(shape) >= 2 else ("per_tensor",)
+        return [TensorChoice(k, g, self.group_size if g != "per_tensor" else 1) for g in grains for k in self.clusters]
 
 
 @dataclass
@@ -83,10 +95,22 @@ class SweepRow:
     kl: float  # mean KL(original || quantized) on the unlabelled images
     bytes: int  # size of the .lless file for this one-tensor plan
     accuracy: float | None = None  # percent, on the labelled set when one is given
+    granularity: str = "per_tensor"  # one codebook, or one per group_size output channels
+    group_size: int = 1
 
     @property
     def key(self) -> str:
         return f"{self.layer}.{self.tensor}" if self.layer else self.tensor
+
+    @property
+    def choice(self) -> TensorChoice:
+        """What was asked for this row (k centroids at this granularity)."""
+        return TensorChoice(self.k, self.granularity, self.group_size)
+
+    @property
+    def obtained(self) -> TensorChoice:
+        """What the row's file holds (fewer centroids when the tensor has fewer values)."""
+        return TensorChoice(self.n_clusters, self.granularity, self.group_size)
 
 
 @dataclass
@@ -123,6 +147,7 @@ class Reference:
     spec: Any
     device: torch.device
     sizer: FileSizer
+    importance: dict[str, torch.Tensor] | None = None  # label-free weights of the k-means
 
     def run(self, batches: list[torch.Tensor]) -> torch.Tensor:
         with torch.no_grad():
@@ -147,8 +172,10 @@ def sweep(
     out_dir: str | Path | None = None,
     identity: dict[str, Any] | None = None,
     device: torch.device | None = None,
+    importance: dict[str, torch.Tensor] | None = None,
 ) -> SweepResult:
-    """Sweep every tensor of ``model`` at every k in ``config.clusters``.
+    """Sweep every tensor of ``model`` at every k in ``config.clusters`` (and every
+    granularity in ``config.granularities``), clustering under ``importance`` when given.
 
     ``identity`` (anything JSON, e.g. the CLI arguments) decides whether rows already in
     ``out_dir`` belong to this sweep and can be reused.
@@ -160,12 +187,13 @@ def sweep(
     """
     device = device or next(model.parameters()).device
     ctx = prepare_reference(model.to(device).eval(), unlabeled, preprocess, labeled, config.batch_size, device)
+    ctx.importance = importance
     splitter = Splitter(model)
     layers = list_layers(model)
     main = distributed.is_main()
     journal = _Journal(out_dir if main else None, {"config": dataclasses.asdict(config), "identity": identity})
     rows = _rows(distributed.broadcast_object(_dicts(journal.rows())))
-    done = {(r.layer, r.tensor, r.k) for r in rows}
+    done = {(r.layer, r.tensor, r.choice) for r in rows}
     pending = [layer for layer in layers if _jobs(ctx, layer, config, done)]
     for layers_now in progress(_rounds(pending), desc="sweep", unit="round"):
         new = _sweep_round(ctx, splitter, layers_now, config, done)
@@ -235,16 +263,18 @@ def _run(model: nn.Module, x: torch.Tensor, device: torch.device) -> torch.Tenso
         return model(x).float().cpu()
 
 
-def _jobs(ctx: Reference, layer: LayerInfo, config: SweepConfig, done: set) -> list[tuple[str, int]]:
+def _jobs(ctx: Reference, layer: LayerInfo, config: SweepConfig, done: set) -> list[tuple[str, TensorChoice]]:
     module = ctx.modules[layer.name]
     tensors = ["weight"] + (["bias"] if config.include_bias and getattr(module, "bias", None) is not None else [])
-    return [(t, k) for t in tensors for k in config.clusters if (layer.name, t, k) not in done]
+    return [(t, c) for t in tensors for c in config.choices(t, tuple(getattr(module, t).shape))
+            if (layer.name, t, c) not in done]
 
 
 @torch.no_grad()
-def _sweep_layer(ctx: Reference, splitter: Splitter, layer: LayerInfo, jobs: list[tuple[str, int]]) -> list[SweepRow]:
+def _sweep_layer(ctx: Reference, splitter: Splitter, layer: LayerInfo, jobs: list[tuple[str, TensorChoice]]
+                 ) -> list[SweepRow]:
     module = ctx.modules[layer.name]
-    variants = [variant(module, tensor, k) for tensor, k in jobs]
+    variants = [variant(module, tensor, choice, _scores(ctx, layer.name, tensor)) for tensor, choice in jobs]
     prefix, suffix = splitter.split(layer.name)
     sets = [ctx.inputs] + ([ctx.labeled[0]] if ctx.labeled else [])
     outputs = [[[] for _ in sets] for _ in variants]
@@ -264,36 +294,46 @@ def _sweep_layer(ctx: Reference, splitter: Splitter, layer: LayerInfo, jobs: lis
     return [_row(ctx, layer, variant, [torch.cat(o) for o in out]) for variant, out in zip(variants, outputs)]
 
 
-def variant(module: nn.Module, tensor: str, k: int) -> tuple[str, int, torch.Tensor, int]:
-    """(tensor, k, the tensor quantized at k, centroids obtained)."""
+def _scores(ctx: Reference, layer: str, tensor: str) -> torch.Tensor | None:
+    if ctx.importance is None:
+        return None
+    return ctx.importance.get(f"{layer}.{tensor}" if layer else tensor)
+
+
+def variant(module: nn.Module, tensor: str, choice: TensorChoice | int,
+            importance: torch.Tensor | None = None) -> tuple[str, TensorChoice, torch.Tensor, int]:
+    """(tensor, choice, the tensor quantized by that choice, centroids obtained)."""
     param = getattr(module, tensor).detach()
-    flat = np.ascontiguousarray(param.reshape(-1).to("cpu", torch.float32).numpy())
-    centroids, indices = cluster(flat, min(k, flat.size), None, np.int64)
-    dense = decode(torch.from_numpy(centroids), torch.from_numpy(indices)).view(param.shape)
-    return tensor, k, dense.to(param.device, param.dtype), int(centroids.size)
+    choice = TensorChoice.of(choice)
+    centroids, indices = cluster_tensor(param, choice, importance)
+    dense = decode(centroids, indices).view(param.shape)
+    return tensor, choice, dense.to(param.device, param.dtype), int(centroids.shape[-1])
 
 
 def _row(ctx: Reference, layer: LayerInfo, variant, outputs: list[torch.Tensor]) -> SweepRow:
-    tensor, k, _, n_clusters = variant
+    tensor, choice, _, n_clusters = variant
     key = f"{layer.name}.{tensor}" if layer.name else tensor
+    obtained = TensorChoice(n_clusters, choice.granularity, choice.group_size)
     return SweepRow(
         index=layer.index,
         layer=layer.name,
         type=layer.type,
         tensor=tensor,
         n_values=layer.n_weights if tensor == "weight" else layer.n_bias,
-        k=k,
+        k=choice.k,
         n_clusters=n_clusters,
         agreement=agreement(outputs[0], ctx.teacher),
         kl=kl_divergence(ctx.teacher, outputs[0]),
-        bytes=ctx.sizer.size({key: n_clusters}, Plan.from_choice({key: k}).to_data()),
+        bytes=ctx.sizer.size({key: obtained}, Plan.from_choice({key: choice}).to_data()),
         accuracy=accuracy(outputs[1], ctx.labeled[1]) if ctx.labeled else None,
+        granularity=choice.granularity,
+        group_size=choice.group_size,
     )
 
 
 def _finish(ctx: Reference, rows: list[SweepRow], layers: list[LayerInfo], n_images: int) -> SweepResult:
     order = {layer.name: layer.index for layer in layers}
-    rows.sort(key=lambda r: (order.get(r.layer, 0), r.tensor != "weight", r.k))
+    rows.sort(key=lambda r: (order.get(r.layer, 0), r.tensor != "weight", r.granularity, r.k))
     reference = {
         "fp32_bytes": ctx.sizer.fp32_bytes,
         "unquantized_bytes": ctx.sizer.size({}),

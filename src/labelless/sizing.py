@@ -16,9 +16,10 @@ from torch import nn
 
 from . import coding
 from .fileformat import _SAFETENSORS_DTYPES as _ST
-from .fileformat import FORMAT, FORMAT_VERSION, _dtype_name, fp32_safetensors_bytes, safetensors_size
+from .fileformat import FORMAT, _dtype_name, fp32_safetensors_bytes, layout_version, safetensors_size
 from .layers import list_layers
-from .quantize import quantized_tensors
+from .plan import TensorChoice
+from .quantize import n_groups, quantized_tensors
 
 __all__ = ["FileSizer"]
 
@@ -41,13 +42,13 @@ class FileSizer:
         self.fp32_bytes = fp32_safetensors_bytes(model)
         self.fixed = {
             "format": FORMAT,
-            "version": FORMAT_VERSION,
             "architecture": None if spec is None else spec.to_dict(),
             "layers": [{"index": l.index, "name": l.name, "type": l.type} for l in list_layers(model)],
         }
 
-    def size(self, n_clusters: dict[str, int], plan: list | None = None) -> int:
-        """Bytes of the file with ``n_clusters[key]`` centroids for each quantized tensor."""
+    def size(self, n_clusters: dict[str, int | TensorChoice], plan: list | None = None) -> int:
+        """Bytes of the file with ``n_clusters[key]`` centroids (or a :class:`TensorChoice`:
+        centroids and codebooks) for each quantized tensor."""
         entries, shapes = {}, {}
         for key, tensor in self.tensors.items():
             k = n_clusters.get(key)
@@ -55,7 +56,7 @@ class FileSizer:
                 entries[key] = self._dense(key, tensor, shapes)
             else:
                 entries[key] = self._quantized(key, tensor, k, shapes)
-        header = dict(self.fixed, plan=plan, tensors=entries, aliases=self.aliases, fp32_bytes=self.fp32_bytes,
+        header = dict(self.fixed, version=layout_version(entries), plan=plan, tensors=entries, aliases=self.aliases, fp32_bytes=self.fp32_bytes,
                       checksum={"algorithm": "sha256", "tensors": "0" * 64, "header": "0" * 64})
         return safetensors_size(shapes, metadata={FORMAT: json.dumps(header)})
 
@@ -65,15 +66,21 @@ class FileSizer:
         return {"kind": "dense", "shape": list(tensor.shape), "dtype": _dtype_name(tensor.dtype),
                 "stored_dtype": _dtype_name(stored)}
 
-    def _quantized(self, key: str, tensor: torch.Tensor, k: int, shapes: dict) -> dict:
+    def _quantized(self, key: str, tensor: torch.Tensor, choice: int | TensorChoice, shapes: dict) -> dict:
+        choice = TensorChoice.of(choice)
+        k, groups = choice.k, n_groups(tensor.shape, choice)
         bits = coding.index_bits(k)
         dtype, name = self.codebook
-        shapes[f"{key}::codebook"] = (_ST[dtype], [k], k * dtype.itemsize)
+        shape = [k] if groups == 1 else [groups, k]
+        shapes[f"{key}::codebook"] = (_ST[dtype], shape, groups * k * dtype.itemsize)
         if bits:
             n_bytes = coding.packed_size(tensor.numel(), bits)
             shapes[f"{key}::indices"] = ("U8", [n_bytes], n_bytes)
-        return {"kind": "quantized", "shape": list(tensor.shape), "n_clusters": k, "bits": bits, "coding": "packed",
-                "codebook_dtype": name}
+        entry = {"kind": "quantized", "shape": list(tensor.shape), "n_clusters": k, "bits": bits, "coding": "packed",
+                 "codebook_dtype": name}
+        if groups > 1:
+            entry["codebooks"] = groups
+        return entry
 
 
 def _distinct_tensors(model: nn.Module) -> tuple[dict[str, torch.Tensor], dict[str, str]]:

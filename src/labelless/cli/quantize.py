@@ -5,7 +5,10 @@ from __future__ import annotations
 import argparse
 import logging
 
+from ..data import Preprocess, check_spec, open_images
+from ..errors import LabellessError
 from ..fileformat import save
+from ..importance import DEFAULT_IMAGES, fisher_importance
 from ..io import check_output_dir
 from ..plan import load_plan
 from ..quantize import quantize
@@ -20,8 +23,19 @@ def add_parser(subparsers) -> None:
     add_model_args(parser)
     parser.add_argument("--plan", required=True, help="plan file (YAML or JSON): see README")
     parser.add_argument("-o", "--output", required=True, help="the .lless file to write")
+    add_importance_args(parser)
     add_storage_args(parser)
     parser.set_defaults(run=run)
+
+
+def add_importance_args(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group("label-free importance")
+    group.add_argument("--unlabeled", "--unlabelled", default=None, metavar="SPEC",
+                       help="unlabelled images: weight the k-means by each weight's Fisher importance on them "
+                            "(labels are never read); without it, plain squared error")
+    group.add_argument("--limit", type=int, default=DEFAULT_IMAGES,
+                       help=f"images the importance is averaged over (default {DEFAULT_IMAGES})")
+    group.add_argument("--seed", type=int, default=0, help="seed for the image subset and drawn labels (default 0)")
 
 
 def add_storage_args(parser: argparse.ArgumentParser) -> None:
@@ -39,11 +53,25 @@ def storage_kwargs(args: argparse.Namespace) -> dict:
     }
 
 
+def importance_from_args(model, args: argparse.Namespace):
+    """Fisher importance on ``--unlabeled`` images, or None without the flag."""
+    if not args.unlabeled:
+        return None
+    spec = model.labelless_spec
+    images = open_images(args.unlabeled, split="train", size=spec.image_size, channels=spec.in_channels,
+                         limit=args.limit, seed=args.seed).unlabeled()
+    return fisher_importance(model, images, Preprocess.for_spec(spec), n_images=args.limit, seed=args.seed)
+
+
 def run(args: argparse.Namespace) -> int:
     check_output_dir(args.output)
+    if args.unlabeled:
+        check_spec(args.unlabeled)
+    if args.limit < 1:
+        raise LabellessError(f"--limit must be >= 1 image, got {args.limit}")
     plan = load_plan(args.plan)
     model = model_from_args(args)
-    quantized = quantize(model, plan, inplace=True)
+    quantized = quantize(model, plan, importance=importance_from_args(model, args), inplace=True)
     report = save(quantized, args.output, **storage_kwargs(args))
     print(inspect_table(report))
     log.info("wrote %s", args.output)

@@ -10,12 +10,13 @@ from typing import Any
 from ..data import Preprocess
 from ..errors import LabellessError
 from ..evaluate import resolve_device
+from ..importance import load_importance
 from ..io import atomic_write_json, check_output_dir
 from ..report import format_table
 from ..search import make_evaluator, search
 from ..sensitivity import SweepResult, prepare_reference
 from .common import check_device, model_from_args
-from .sweep import open_data
+from .sweep import IMPORTANCE_FILE, open_data
 
 
 def add_parser(subparsers) -> None:
@@ -44,6 +45,7 @@ def run(args: argparse.Namespace) -> int:
         raise LabellessError("--metric accuracy needs a sweep run with --labeled data; use --metric agreement")
     device = resolve_device(args.device)
     reference = prepare_reference(model.to(device), unlabeled, Preprocess.for_spec(spec), labeled, sweep_args.batch_size, device)
+    reference.importance = load_importance(folder / IMPORTANCE_FILE)  # what the sweep clustered with
     found = search(result, make_evaluator(reference, args.metric), max_drop=args.max_drop, max_bytes=args.max_bytes,
                    metric=args.metric)
     best = found.best

@@ -11,8 +11,12 @@ from pathlib import Path
 
 from .. import distributed
 from ..data import Preprocess, open_images
+from ..importance import DEFAULT_IMAGES, fisher_importance, save_importance
+from ..plan import GRANULARITIES
 from ..sensitivity import DEFAULT_CLUSTERS, SweepConfig, sweep
 from .common import add_device_args, add_model_args, ints, model_from_args, write_config
+
+IMPORTANCE_FILE = "importance.safetensors"
 
 
 def add_parser(subparsers) -> None:
@@ -21,6 +25,15 @@ def add_parser(subparsers) -> None:
     add_data_args(parser)
     parser.add_argument("--clusters", type=ints, default=DEFAULT_CLUSTERS, help="k values (default 1,2,4,...,256)")
     parser.add_argument("--no-bias", action="store_true", help="do not sweep biases")
+    parser.add_argument("--granularity", type=_names, default=("per_tensor",),
+                        help="codebook granularities to try for weights, e.g. per_tensor,per_channel "
+                             "(default per_tensor)")
+    parser.add_argument("--group-size", type=int, default=1, help="output channels per codebook with per_channel")
+    parser.add_argument("--importance", choices=["fisher", "none"], default="fisher",
+                        help="weight the k-means by label-free Fisher importance on the unlabelled images "
+                             "(default fisher)")
+    parser.add_argument("--importance-images", type=int, default=DEFAULT_IMAGES,
+                        help=f"images the importance is averaged over (default {DEFAULT_IMAGES})")
     add_device_args(parser)
     parser.add_argument("-o", "--output", required=True, help="folder for sweep.csv, sweep.json and the plots")
     parser.set_defaults(run=run)
@@ -51,11 +64,14 @@ def run(args: argparse.Namespace) -> int:
     weights = os.stat(args.weights)
     identity = {"args": {k: v for k, v in vars(args).items() if k not in ("run", "output", "device", "verbose", "quiet")},
                 "weights": [weights.st_size, weights.st_mtime_ns]}
+    config = SweepConfig(clusters=args.clusters, include_bias=not args.no_bias, batch_size=args.batch_size,
+                         granularities=args.granularity, group_size=args.group_size)
     if distributed.is_main():
         write_config(out / "config.json", args, spec=spec.to_dict())
-    result = sweep(model, unlabeled, Preprocess.for_spec(spec), labeled=labeled,
-                   config=SweepConfig(clusters=args.clusters, include_bias=not args.no_bias, batch_size=args.batch_size),
-                   out_dir=out, identity=_plain(identity), device=distributed.device(args.device))
+    device = distributed.device(args.device)
+    importance = _importance(model, unlabeled, spec, args, device, out)
+    result = sweep(model, unlabeled, Preprocess.for_spec(spec), labeled=labeled, config=config,
+                   out_dir=out, identity=_plain(identity), device=device, importance=importance)
     bias = result.summary.get("biases_at_1")
     print(f"swept {len({r.layer for r in result.rows})} layers x {len(args.clusters)} values of k: "
           f"{len(result.rows)} rows -> {out / 'sweep.csv'}")
@@ -63,6 +79,27 @@ def run(args: argparse.Namespace) -> int:
         print(f"one centroid per bias: mean agreement {bias['mean_agreement']:.2f}%, "
               f"worst {bias['worst_agreement']:.2f}% ({bias['worst_layer']})")
     return 0
+
+
+def _names(text: str) -> tuple[str, ...]:
+    names = tuple(v.strip() for v in text.split(",") if v.strip())
+    bad = [n for n in names if n not in GRANULARITIES]
+    if bad or not names:
+        raise argparse.ArgumentTypeError(f"granularities are {', '.join(GRANULARITIES)}; got {text!r}")
+    return names
+
+
+def _importance(model, unlabeled, spec, args: argparse.Namespace, device, out: Path):
+    """Fisher importance on the sweep's unlabelled images, kept in the folder for the search."""
+    if args.importance == "none":
+        if distributed.is_main():
+            (out / IMPORTANCE_FILE).unlink(missing_ok=True)  # a search must not use an earlier sweep's
+        return None
+    importance = fisher_importance(model, unlabeled, Preprocess.for_spec(spec), n_images=args.importance_images,
+                                   seed=args.seed, device=device)
+    if distributed.is_main():
+        save_importance(importance, out / IMPORTANCE_FILE)
+    return importance
 
 
 def _plain(value):
