@@ -166,3 +166,30 @@ def test_labelled_baseline_trains_with_cross_entropy(student):
     result = retrain_labeled(student, labeled, PRE, config=RetrainConfig(epochs=3, lr=3e-3, batch_size=64))
     assert result.after["accuracy"] >= result.before["accuracy"]
     assert result.images_per_second > 0
+
+
+def test_feature_matching_keeps_frozen_tensors_and_brings_layer_outputs_closer(student, teacher, unlabeled):
+    from labelless.features import FeatureTaps, feature_loss, tap_names
+
+    before = _snapshot(student)
+    names = tap_names(teacher)
+    assert names == ["conv", "depthwise", "fc1"]  # every Conv/Linear but the logits
+
+    def layer_error(model):
+        x = PRE(unlabeled.images[:256])
+        with FeatureTaps(model, names) as s, FeatureTaps(teacher, names) as t, torch.no_grad():
+            model(x), teacher(x)
+            return float(feature_loss(s.outputs, t.outputs))
+
+    start = layer_error(student)
+    config = RetrainConfig(epochs=3, lr=3e-3, batch_size=64, cutmix=0.0, seed=1, features=1.0)
+    result = retrain(student, teacher, NoLabels(unlabeled), PRE, config=config)
+    after = _snapshot(result.model)
+    assert all(torch.equal(before[k][0], after[k][0]) and torch.equal(before[k][1], after[k][1]) for k in before)
+    assert result.best_epoch > 0 and layer_error(result.model) < start
+    assert not teacher._forward_hooks and not any(m._forward_hooks for m in result.model.modules())  # taps removed
+
+
+def test_negative_feature_weight_is_rejected():
+    with pytest.raises(LabellessError, match="features"):
+        RetrainConfig(features=-1.0)

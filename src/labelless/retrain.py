@@ -19,6 +19,9 @@ Defaults, and why:
   image and step). For images from another domain, ``refine_steps=50`` first pulls them
   toward the teacher's BatchNorm statistics (:mod:`labelless.refine`); measured on a ResNet-18
   at 93% size reduction distilled on MNIST digits: 67.9% -> 80.6% (docs/DEMO.md).
+* ``features=0``: logits only by default. ``features=w`` adds ``w`` times the normalised
+  squared error between every layer's output and the teacher's on the same images
+  (:mod:`labelless.features`); the teacher then runs on every batch.
 * part of the unlabelled data is held out; the state with the best agreement with the
   teacher on it is kept, so retraining never hands back a model worse than it started.
 
@@ -52,6 +55,7 @@ from torch import nn
 from . import distributed
 from .errors import LabellessError
 from .evaluate import agreement, autocast, kl_divergence
+from .features import FeatureTaps, feature_loss, tap_names
 from .io import atomic_path
 from .models import state_digest, tensor_bytes
 from .progress import progress
@@ -82,6 +86,7 @@ class RetrainConfig:
     tune_centroids: bool = False  # also learn codebook values (indices fixed)
     centroid_lr: float = 1e-4
     refine_steps: int = 0  # label-free only: Adam steps pulling the images toward the teacher's BN statistics
+    features: float = 0.0  # label-free only: weight of matching every layer's output to the teacher's (0: off)
     seed: int = 0
     amp: bool = True  # bf16 autocast on CUDA
     channels_last: bool = True  # on CUDA
@@ -97,6 +102,7 @@ class RetrainConfig:
             (0 <= self.cutmix <= 1, "cutmix is a probability in [0, 1]"),
             (0 < self.holdout < 1, "holdout is a fraction in (0, 1)"),
             (self.refine_steps >= 0, "refine_steps must be >= 0"),
+            (self.features >= 0, "features (the feature-matching weight) must be >= 0"),
         ]
         for ok, message in checks:
             if not ok:
@@ -191,6 +197,10 @@ class _Trainer:
         self.model = distributed.wrap(self.student, self.device, broadcast_buffers=config.bn == "update")
         self.path = None if checkpoint_dir is None else Path(checkpoint_dir) / f"retrain-{self.kind}.ckpt"
         self.history: list[dict[str, float]] = []
+        self.taps = None
+        if config.features and not labeled:
+            names = tap_names(self.student)
+            self.taps = (FeatureTaps(self.student, names), FeatureTaps(self.teacher, names))
 
     @property
     def kind(self) -> str:
@@ -213,6 +223,8 @@ class _Trainer:
             state.update(epoch=epoch, seconds=seconds, images=images)
             self._save(state)
         self.student.load_state_dict(state["best"]["state"], strict=False)
+        for taps in self.taps or ():
+            taps.close()
         return RetrainResult(
             model=self.student.eval(),
             before=state["before"],
@@ -256,8 +268,11 @@ class _Trainer:
             if self.labeled:
                 loss = F.cross_entropy(output, labels.to(self.device))
             else:
-                target = self._teacher(x) if mixed else targets[batch_idx].to(self.device)
+                fresh = mixed or self.taps is not None  # the teacher runs on this very batch
+                target = self._teacher(x) if fresh else targets[batch_idx].to(self.device)
                 loss = _distillation_loss(output, target, self.config)
+                if self.taps is not None:
+                    loss = loss + self.config.features * feature_loss(self.taps[0].outputs, self.taps[1].outputs)
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
         self.optimizer.step()

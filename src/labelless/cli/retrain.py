@@ -60,6 +60,9 @@ def add_retrain_args(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--refine-steps", type=int, default=defaults.refine_steps,
                        help="label-free: first pull the images toward the teacher's BatchNorm statistics for this "
                             "many Adam steps (for images from another domain; 50 is a good start; default off)")
+    group.add_argument("--features", type=float, default=defaults.features,
+                       help="label-free: also match every layer's output to the teacher's, with this weight "
+                            "next to the logit loss (default 0: logits only)")
     group.add_argument("--seed", type=int, default=defaults.seed)
 
 
@@ -67,7 +70,7 @@ def retrain_config(args: argparse.Namespace) -> RetrainConfig:
     return RetrainConfig(epochs=args.epochs, lr=args.lr, batch_size=args.batch_size, loss=args.loss,
                          temperature=args.temperature, bn=args.bn, balance=not args.no_balance, cutmix=args.cutmix,
                          holdout=args.holdout, tune_centroids=args.tune_centroids, seed=args.seed,
-                         refine_steps=args.refine_steps)
+                         refine_steps=args.refine_steps, features=args.features)
 
 
 def run(args: argparse.Namespace) -> int:
