@@ -232,6 +232,7 @@ def _cached_teacher(run: Run, spec: labelless.ModelSpec, preprocess: nn.Module) 
     """Train the teacher with labels, or load the one trained with the same settings."""
     limit = run.scale.teacher_limit
     path = run.cache / f"{spec.name}-e{run.epochs}-s{run.seed}-n{limit or 'all'}.safetensors"
+    torch.manual_seed(run.seed)  # the initial weights too: the teacher is reproducible from its seed
     model = labelless.build_model(spec)
     if path.is_file():
         log.info("%s: teacher from %s", spec.name, path)

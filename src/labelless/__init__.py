@@ -15,11 +15,15 @@ import logging
 
 from .errors import DataError, FileFormatError, LabellessError, ModelError, PlanError
 from .fileformat import inspect, load, read, save
+from .importance import fisher_importance
 from .kmeans import kmeans1d, sse
 from .layers import LayerInfo, list_layers
 from .models import ModelSpec, available_models, build_model, load_state_dict_file, load_weights
-from .plan import LayerSetting, Plan, Rule, load_plan
+from .plan import LayerSetting, Plan, Rule, TensorChoice, load_plan
 from .quantize import QuantizedTensor, dequantize, quantize, quantized_tensors
+from .retrain import RetrainConfig, RetrainResult, retrain, retrain_labeled
+from .search import search
+from .sensitivity import SweepConfig, sweep
 
 __version__ = "0.1.0"
 
@@ -34,10 +38,15 @@ __all__ = [
     "Plan",
     "PlanError",
     "QuantizedTensor",
+    "RetrainConfig",
+    "RetrainResult",
     "Rule",
+    "SweepConfig",
+    "TensorChoice",
     "available_models",
     "build_model",
     "dequantize",
+    "fisher_importance",
     "inspect",
     "kmeans1d",
     "list_layers",
@@ -48,8 +57,12 @@ __all__ = [
     "quantize",
     "quantized_tensors",
     "read",
+    "retrain",
+    "retrain_labeled",
     "save",
+    "search",
     "sse",
+    "sweep",
 ]
 
 logging.getLogger(__name__).addHandler(logging.NullHandler())
