@@ -6,6 +6,7 @@ import json
 
 import pytest
 import safetensors.torch
+import torch
 
 from labelless.cli import main
 
@@ -93,3 +94,19 @@ def test_quantize_uses_the_normalisation_stored_with_the_teacher(tmp_path, model
     out = tmp_path / "m.lless"
     assert main(["quantize", *MODEL, *given, "--weights", str(checkpoint), "--plan", str(plan_file), "-o", str(out)]) == 0
     assert load(out).labelless_spec.mean == expected
+
+
+def test_quantize_with_unlabeled_images_weights_the_kmeans_by_importance(tmp_path, checkpoint, capsys):
+    from labelless import load
+
+    plan = tmp_path / "plan.yaml"
+    plan.write_text('- layers: "*"\n  weights: 2\n  granularity: per_channel\n')
+    argv = ["quantize", *MODEL, "--weights", str(checkpoint), "--plan", str(plan)]
+    assert main([*argv, "-o", str(tmp_path / "plain.lless")]) == 0
+    assert main([*argv, "-o", str(tmp_path / "fisher.lless"), "--unlabeled", "digits", "--limit", "16"]) == 0
+    plain, fisher = load(tmp_path / "plain.lless"), load(tmp_path / "fisher.lless")
+    assert not torch.equal(plain.conv1.weight, fisher.conv1.weight)  # other centroids
+    assert (tmp_path / "plain.lless").stat().st_size == (tmp_path / "fisher.lless").stat().st_size  # same bytes
+    assert fisher.layer1[0].conv1.weight[0].unique().numel() <= 2  # per channel
+    code = main([*argv, "-o", str(tmp_path / "x.lless"), "--unlabeled", "images:/no/such/folder"])
+    assert code == 2 and "does not exist" in capsys.readouterr().err and not (tmp_path / "x.lless").exists()

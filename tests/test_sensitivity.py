@@ -120,3 +120,26 @@ def test_search_by_size_returns_the_most_faithful_plan_that_fits(swept, tiny, di
     assert found.best.bytes <= limit
     fitting = [c for c in found.alternatives if c.bytes <= limit]
     assert found.best.measured_drop == min(c.measured_drop for c in fitting)
+
+
+def test_granularity_and_importance_are_options_the_search_can_pick(tmp_path, tiny, digits, preprocess):
+    from labelless.importance import fisher_importance
+
+    importance = fisher_importance(tiny, digits, preprocess, n_images=64)
+    config = SweepConfig(clusters=(2, 4), batch_size=64, granularities=("per_tensor", "per_channel"))
+    result = sweep(tiny, digits, preprocess, config=config, importance=importance)
+    weights = {(r.layer, r.granularity, r.k) for r in result.rows if r.tensor == "weight"}
+    assert ("fc1", "per_channel", 2) in weights and ("fc1", "per_tensor", 2) in weights
+    assert all(r.granularity == "per_tensor" for r in result.rows if r.tensor == "bias")  # biases: one codebook
+    reference = prepare_reference(tiny, digits, preprocess, None, 64, torch.device("cpu"))
+    reference.importance = importance
+    found = search(result, make_evaluator(reference), max_drop=100.0)  # the smallest plan of all
+    plan = found.best.plan()
+    q = labelless.quantize(tiny, plan, importance=importance)
+    report = labelless.save(q, tmp_path / "m.lless")
+    assert found.best.bytes == report["total_bytes"]  # what the search measured is the file
+    drop = 100 - agreement(predict(q, digits, preprocess), predict(tiny, digits, preprocess))
+    assert drop == pytest.approx(found.best.measured_drop, abs=1e-6)
+    per_channel = [r for r in result.rows if r.granularity == "per_channel" and r.tensor == "weight" and r.k == 2]
+    per_tensor = {(r.layer, r.k): r for r in result.rows if r.granularity == "per_tensor" and r.tensor == "weight"}
+    assert all(r.bytes > per_tensor[(r.layer, 2)].bytes for r in per_channel)  # codebooks cost bytes
