@@ -62,6 +62,7 @@ from torch import nn
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
 import labelless  # noqa: E402
+from labelless.bncorrect import correct_batchnorm  # noqa: E402
 from labelless.data import Preprocess, open_images  # noqa: E402
 from labelless.evaluate import accuracy, predict_labeled, resolve_device  # noqa: E402
 from labelless.models import save_checkpoint  # noqa: E402
@@ -77,11 +78,14 @@ IMAGE_SIZE = 28
 PEERS = ("coremltools-ptp", "coremltools-skm", "torchao-intx")
 LABELLESS = ("labelless", "labelless+fisher(fashion)", "labelless+fisher(mnist)",
              "labelless+fisher(fashion)+per_channel", "labelless+fisher(mnist)+per_channel",
-             "labelless+fisher(fashion)+fp16", "labelless+fisher(fashion)+per_channel+fp16",
+             "labelless+fisher(fashion)+bn", "labelless+fisher(fashion)+per_channel+bn",
+             "labelless+fisher(fashion)+bn+fp16", "labelless+fisher(fashion)+per_channel+bn+fp16",
              "labelless+fisher(mnist)+per_channel+fp16")
 FP16 = {"codebook_dtype": "float16", "dense_dtype": "float16"}  # "+fp16": codebooks and other tensors stored in fp16
 RETRAIN_SOURCE = ("labelless+fisher(fashion)+per_channel", "labelless+fisher(fashion)", "labelless")  # first made at 2 bits
 RETRAIN_KINDS = ("retrain:label-free(mnist)", "retrain:label-free(fashion)", "retrain:labelled(fashion)")
+EXTRA_KINDS = ("retrain:label-free(mnist)+features",)  # one seed, after every model's main rows
+FEATURES = 1.0  # RetrainConfig.features of the "+features" rows
 RETRAIN_BITS = 2
 TEACHER_BITS = 32
 
@@ -118,6 +122,8 @@ def main(argv: list[str] | None = None) -> int:
     models = args.models or ("mobilenet_v2" if args.quick else "resnet18,mobilenet_v2")
     for name in models.split(","):
         run_model(run, name)
+    for name in models.split(","):
+        run_extras(run, name)
     problems = check(load_rows(run.path), expected_keys(run, models.split(",")))
     for problem in problems:
         log.error("%s", problem)
@@ -215,6 +221,12 @@ def run_model(run: Run, name: str) -> None:
     for kind in RETRAIN_KINDS:
         for seed in range(run.scale.seeds):
             record(bench, kind, RETRAIN_BITS, seed, partial(_retrain_row, bench, kind, seed, source))
+
+
+def run_extras(run: Run, name: str) -> None:
+    bench = _bench(run, name)
+    for kind in EXTRA_KINDS:
+        record(bench, kind, RETRAIN_BITS, run.seed, partial(_retrain_row, bench, kind, run.seed, _retrain_source(bench)))
 
 
 def _bench(run: Run, name: str) -> Bench:
@@ -319,6 +331,7 @@ def expected_keys(run: Run, models: list[str]) -> list[tuple]:
         keys.append((name, "teacher", TEACHER_BITS, run.seed))
         keys += [(name, m, b, run.seed) for b in run.scale.bits for m in PEERS + LABELLESS]
         keys += [(name, k, RETRAIN_BITS, s) for k in RETRAIN_KINDS for s in range(run.scale.seeds)]
+        keys += [(name, k, RETRAIN_BITS, run.seed) for k in EXTRA_KINDS]
     return keys
 
 
@@ -532,6 +545,9 @@ def labelless_variant(bench: Bench, bits: int, method: str) -> dict:
     kwargs = {} if importance is None else {"importance": importance}
     start = time.perf_counter()
     model = labelless.quantize(bench.teacher_cpu, [rule], **kwargs)
+    if "+bn" in method:  # BatchNorm statistics corrected on the importance's own unlabelled images
+        correct_batchnorm(model, bench.teacher_cpu, _images(bench, source), bench.preprocess_cpu,
+                          n_images=bench.run.scale.calibration, seed=bench.run.seed)
     seconds = time.perf_counter() - start + importance_seconds
     bench.lless_path(method, bits).parent.mkdir(parents=True, exist_ok=True)
     report = labelless.save(model, bench.lless_path(method, bits), **storage)
@@ -539,6 +555,8 @@ def labelless_variant(bench: Bench, bits: int, method: str) -> dict:
         model = labelless.load(bench.lless_path(method, bits))
     notes = (f"labelless.quantize(teacher, [{rule}]{', importance=imp' if kwargs else ''}); labelless.save "
              f"(bit-packed{', codebooks and other tensors in fp16, scored as loaded back' if storage else ''})")
+    if "+bn" in method:
+        notes += "; then correct_batchnorm(model, teacher, <the same images>, preprocess)"
     if source:
         notes += (f"; imp = fisher_importance(teacher, <{bench.run.scale.calibration} unlabelled "
                   f"{'Fashion-MNIST train' if source == 'fashion' else 'MNIST'} images>, preprocess, "
@@ -570,12 +588,18 @@ def _importance(bench: Bench, source: str) -> tuple[Any, float]:
         from labelless.importance import fisher_importance
 
         n = bench.run.scale.calibration
-        images = _open("fashion-mnist" if source == "fashion" else "mnist", False, n, seed=bench.run.seed)
         start = time.perf_counter()
-        importance = fisher_importance(bench.teacher_cpu, images.unlabeled(), bench.preprocess_cpu, n_images=n,
+        importance = fisher_importance(bench.teacher_cpu, _images(bench, source), bench.preprocess_cpu, n_images=n,
                                        seed=bench.run.seed)
         bench.importance[source] = (importance, time.perf_counter() - start)
     return bench.importance[source]
+
+
+def _images(bench: Bench, source: str):
+    """The unlabelled calibration images of ``source`` (fashion or mnist)."""
+    images = _open("fashion-mnist" if source == "fashion" else "mnist", False, bench.run.scale.calibration,
+                   seed=bench.run.seed)
+    return images.unlabeled()
 
 
 def _labelless_packed(model: nn.Module) -> dict[str, tuple[int, int]]:
@@ -612,10 +636,11 @@ def _retrain_row(bench: Bench, kind: str, seed: int, source: str | None) -> dict
         raise RuntimeError(f"no 2-bit model of {' or '.join(RETRAIN_SOURCE)} to retrain")
     scale, path = bench.run.scale, bench.lless_path(source, RETRAIN_BITS)
     student = labelless.load(path)
-    config = RetrainConfig(epochs=scale.retrain_epochs, batch_size=scale.batch_size, seed=seed)
+    features = FEATURES if kind.endswith("+features") else 0.0
+    config = RetrainConfig(epochs=scale.retrain_epochs, batch_size=scale.batch_size, seed=seed, features=features)
     go = dict(config=config, device=bench.run.device)
     fashion = _open("fashion-mnist", True, scale.retrain_limit, seed=bench.run.seed)
-    if kind == "retrain:label-free(mnist)":
+    if kind.startswith("retrain:label-free(mnist)"):
         result = retrain(student, bench.teacher, _open("mnist", False, scale.retrain_limit).unlabeled(),
                          bench.preprocess, **go)
     elif kind == "retrain:label-free(fashion)":
@@ -623,7 +648,8 @@ def _retrain_row(bench: Bench, kind: str, seed: int, source: str | None) -> dict
     else:
         result = retrain_labeled(student, fashion, bench.preprocess, **go)
     notes = (f"{'retrain_labeled' if 'labelled' in kind else 'retrain'}(labelless.load({path.name}), ..., "
-             f"RetrainConfig(epochs={config.epochs}, batch_size={config.batch_size}, seed={seed}), other fields "
+             f"RetrainConfig(epochs={config.epochs}, batch_size={config.batch_size}, seed={seed}, "
+             f"features={features}), other fields "
              f"default) on {scale.retrain_limit} images")
     return {"accuracy": bench.accuracy(result.model), "bytes": path.stat().st_size, "source": source,
             "seconds": result.seconds, "best_epoch": result.best_epoch, "train_images": scale.retrain_limit,
@@ -725,7 +751,7 @@ def _retrain_table(rows: list[dict], models: list[str]) -> list[str]:
     lines = [f"## Retraining the {RETRAIN_BITS}-bit model (mean ± population std over seeds)", "",
              "| model | retraining | from | seeds | accuracy % | runs |", "|---|---|---|---:|---:|---|"]
     for name in models:
-        for kind in RETRAIN_KINDS:
+        for kind in RETRAIN_KINDS + EXTRA_KINDS:
             done = [r for r in rows if r["model"] == name and r["method"] == kind and "error" not in r]
             if done:
                 values = [r["accuracy"] for r in done]
@@ -839,7 +865,9 @@ def _notes(rows: list[dict]) -> list[str]:
         f"`+fisher(...)`: `importance=fisher_importance(teacher, images, preprocess, n_images={calibration}, "
         f"seed=0)` on {calibration} unlabelled Fashion-MNIST training images (the same as SKM's) or MNIST digits "
         "(another domain), its time included; `+per_channel`: rules with `granularity: per_channel`, one codebook "
-        "per output channel.",
+        "per output channel; `+bn`: then `labelless.bncorrect.correct_batchnorm` on the same unlabelled images "
+        "(BatchNorm running statistics moved by the shift quantization causes; no label, no training, no byte); "
+        "`+fp16`: saved with `codebook_dtype='float16', dense_dtype='float16'` and scored as loaded back.",
         "- **Bytes**: labelless rows give the real `.lless` file size (`labelless.save(...)['total_bytes']`, "
         "bit-packed indices, header included) and, in brackets, the payload by the formula the peers get: "
         "`sum over quantized weights of ceil(numel * n / 8) + their codebook or scales and zero-points at the stored "
