@@ -110,3 +110,17 @@ def test_quantize_with_unlabeled_images_weights_the_kmeans_by_importance(tmp_pat
     assert fisher.layer1[0].conv1.weight[0].unique().numel() <= 2  # per channel
     code = main([*argv, "-o", str(tmp_path / "x.lless"), "--unlabeled", "images:/no/such/folder"])
     assert code == 2 and "does not exist" in capsys.readouterr().err and not (tmp_path / "x.lless").exists()
+    code = main([*argv, "-o", str(tmp_path / "x.lless"), "--correct-bn"])
+    assert code == 2 and "--correct-bn needs --unlabeled" in capsys.readouterr().err
+
+
+def test_quantize_can_correct_batchnorm_statistics_on_the_unlabeled_images(tmp_path, checkpoint, plan_file):
+    from labelless import load
+
+    argv = ["quantize", *MODEL, "--weights", str(checkpoint), "--plan", str(plan_file), "--unlabeled", "digits",
+            "--limit", "16"]
+    assert main([*argv, "-o", str(tmp_path / "a.lless")]) == 0
+    assert main([*argv, "-o", str(tmp_path / "b.lless"), "--correct-bn"]) == 0
+    plain, corrected = load(tmp_path / "a.lless"), load(tmp_path / "b.lless")
+    assert torch.equal(plain.conv1.weight, corrected.conv1.weight)  # the same codebooks and indices
+    assert not torch.equal(plain.bn1.running_mean, corrected.bn1.running_mean)

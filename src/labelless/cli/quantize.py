@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import logging
 
+from ..bncorrect import correct_batchnorm
 from ..data import Preprocess, check_spec, open_images
 from ..errors import LabellessError
 from ..fileformat import save
@@ -36,6 +37,10 @@ def add_importance_args(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--limit", type=int, default=DEFAULT_IMAGES,
                        help=f"images the importance is averaged over (default {DEFAULT_IMAGES})")
     group.add_argument("--seed", type=int, default=0, help="seed for the image subset and drawn labels (default 0)")
+    group.add_argument("--correct-bn", action="store_true",
+                       help="then correct the BatchNorm statistics for the shift quantization causes, on the same "
+                            "--unlabeled images: for images of the model's own domain (measured to hurt with "
+                            "images of another domain; see docs/PEERS.md)")
 
 
 def add_storage_args(parser: argparse.ArgumentParser) -> None:
@@ -53,14 +58,10 @@ def storage_kwargs(args: argparse.Namespace) -> dict:
     }
 
 
-def importance_from_args(model, args: argparse.Namespace):
-    """Fisher importance on ``--unlabeled`` images, or None without the flag."""
-    if not args.unlabeled:
-        return None
+def _images(model, args: argparse.Namespace):
     spec = model.labelless_spec
-    images = open_images(args.unlabeled, split="train", size=spec.image_size, channels=spec.in_channels,
-                         limit=args.limit, seed=args.seed).unlabeled()
-    return fisher_importance(model, images, Preprocess.for_spec(spec), n_images=args.limit, seed=args.seed)
+    return open_images(args.unlabeled, split="train", size=spec.image_size, channels=spec.in_channels,
+                       limit=args.limit, seed=args.seed).unlabeled()
 
 
 def run(args: argparse.Namespace) -> int:
@@ -69,9 +70,17 @@ def run(args: argparse.Namespace) -> int:
         check_spec(args.unlabeled)
     if args.limit < 1:
         raise LabellessError(f"--limit must be >= 1 image, got {args.limit}")
+    if args.correct_bn and not args.unlabeled:
+        raise LabellessError("--correct-bn needs --unlabeled images to measure the statistics on")
     plan = load_plan(args.plan)
     model = model_from_args(args)
-    quantized = quantize(model, plan, importance=importance_from_args(model, args), inplace=True)
+    images = _images(model, args) if args.unlabeled else None
+    preprocess = Preprocess.for_spec(model.labelless_spec)
+    importance = None if images is None else fisher_importance(model, images, preprocess, n_images=args.limit,
+                                                               seed=args.seed)
+    quantized = quantize(model, plan, importance=importance, inplace=not args.correct_bn)
+    if args.correct_bn:
+        correct_batchnorm(quantized, model, images, preprocess, n_images=args.limit, seed=args.seed)
     report = save(quantized, args.output, **storage_kwargs(args))
     print(inspect_table(report))
     log.info("wrote %s", args.output)
