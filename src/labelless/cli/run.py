@@ -98,7 +98,10 @@ def _check_choices(config: RunConfig) -> None:
     if storage.entropy not in ("none", "ans"):
         raise LabellessError(f"run config storage.entropy must be 'none' or 'ans', got {storage.entropy!r}")
     try:
-        SweepConfig(clusters=sweep.clusters, include_bias=sweep.include_bias, batch_size=sweep.batch_size)
+        SweepConfig(clusters=sweep.clusters, include_bias=sweep.include_bias, batch_size=sweep.batch_size,
+                    granularities=sweep.granularities)
+        if sweep.importance_images < 1:
+            raise LabellessError(f"importance_images must be >= 1, got {sweep.importance_images}")
     except LabellessError as exc:
         raise LabellessError(f"run config sweep: {exc}") from None
 
