@@ -11,9 +11,24 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
-METHODS = ["coremltools-ptp", "coremltools-skm", "torchao-intx", "labelless", "labelless+fisher(fashion)",
-           "labelless+fisher(mnist)", "labelless+fisher(fashion)+per_channel", "labelless+fisher(mnist)+per_channel"]
-RETRAININGS = ["retrain:label-free(mnist)", "retrain:label-free(fashion)", "retrain:labelled(fashion)"]
+
+
+def _bench_module():
+    """bench/peers.py itself, for the rows it promises (so this test follows its method list)."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("peers_bench", ROOT / "bench/peers.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # its dataclasses look their module up there
+    spec.loader.exec_module(module)
+    return module
+
+
+BENCH = _bench_module()
+METHODS = list(BENCH.PEERS + BENCH.LABELLESS)
+RETRAININGS = list(BENCH.RETRAIN_KINDS)
+
+
 MODEL = "mobilenet_v2"  # what --quick runs
 
 
@@ -27,7 +42,8 @@ def test_peers_quick_writes_every_row_with_a_valid_accuracy_and_size(tmp_path):
     assert run.returncode == 0, run.stderr[-3000:]
     written = json.loads((tmp_path / "peers.json").read_text())
     rows = {(r["model"], r["method"], r["bits"], r["seed"]): r for r in written}
-    expected = [(MODEL, "teacher", 32, 0)] + [(MODEL, m, 2, 0) for m in METHODS + RETRAININGS]
+    methods = METHODS + RETRAININGS + list(BENCH.EXTRA_KINDS)
+    expected = [(MODEL, "teacher", 32, 0)] + [(MODEL, m, 2, 0) for m in methods]
     assert sorted(rows) == sorted(expected)
     for key in expected:
         row = rows[key]
