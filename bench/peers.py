@@ -112,7 +112,7 @@ def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     _logging()
     if args.report:
-        Path(args.output).write_text(render(json.loads(Path(args.report).read_text())))
+        Path(args.output).write_text(render(json.loads(Path(args.report).read_text()), args.note))
         return 0
     scale = _scale(args)
     out = Path(args.out or os.environ.get("OUT") or ROOT / "bench/results")
@@ -143,6 +143,8 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--out", default=None, help="result folder (default $OUT or bench/results)")
     parser.add_argument("--cache", default=str(ROOT / "bench/.cache/peers"), help="teachers and .lless files")
     parser.add_argument("--report", default=None, help="render the markdown report from this peers.json")
+    parser.add_argument("--note", action="append", default=[],
+                        help="with --report: a line about the run (e.g. what else shared the machine), repeatable")
     parser.add_argument("-o", "--output", default="docs/PEERS.md")
     return parser
 
@@ -684,10 +686,11 @@ def versions() -> dict[str, str]:
 # -- the markdown report -------------------------------------------------------------------
 
 
-def render(rows: list[dict]) -> str:
-    """docs/PEERS.md from ``peers.json`` rows."""
+def render(rows: list[dict], notes: list[str] = ()) -> str:
+    """docs/PEERS.md from ``peers.json`` rows (and lines about the run)."""
     models = list(dict.fromkeys(r["model"] for r in rows))
     lines = ["# labelless against coremltools and torchao", "", *_header(rows), ""]
+    lines += [f"> {note}" for note in notes] + ([""] if notes else [])
     lines += _teacher_table(rows, models)
     for name in models:
         lines += _model_table([r for r in rows if r["model"] == name], name, _cell)
