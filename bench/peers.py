@@ -690,7 +690,8 @@ def render(rows: list[dict], notes: list[str] = ()) -> str:
     """docs/PEERS.md from ``peers.json`` rows (and lines about the run)."""
     models = list(dict.fromkeys(r["model"] for r in rows))
     lines = ["# labelless against coremltools and torchao", "", *_header(rows), ""]
-    lines += [f"> {note}" for note in notes] + ([""] if notes else [])
+    for note in notes:
+        lines += [f"> {note}", ""]
     lines += _teacher_table(rows, models)
     for name in models:
         lines += _model_table([r for r in rows if r["model"] == name], name, _cell)
