@@ -211,9 +211,9 @@ def cluster_tensor(
         return torch.from_numpy(centroids), torch.from_numpy(indices).view(values.shape)
     table = np.empty((groups, k), np.float32)
     indices = np.empty(flat.shape, dtype)
-    rows = group_of_channel(flat.shape[0], groups).numpy()
+    group = group_of_channel(flat.shape[0], groups).numpy()  # (C,) codebook of each channel
     for g in range(groups):
-        mine = rows == g  # (C,) this group's channels
+        mine = group == g  # (C,) this group's channels
         w = None if weights is None else weights[mine].reshape(-1)
         centroids, idx = cluster(flat[mine].reshape(-1), k, w, dtype)
         table[g] = np.pad(centroids, (0, k - centroids.size), mode="edge")

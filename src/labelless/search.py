@@ -24,7 +24,7 @@ import torch
 
 from .errors import LabellessError
 from .plan import Plan, TensorChoice
-from .sensitivity import Reference, SweepResult, SweepRow, variant
+from .sensitivity import Reference, SweepResult, SweepRow, scores_of, variant
 
 __all__ = ["Candidate", "SearchResult", "search", "ladder", "make_evaluator"]
 
@@ -221,8 +221,7 @@ def make_evaluator(reference: Reference, metric: str = "agreement") -> Callable[
         for key, k in choice.items():
             layer, _, tensor = key.rpartition(".")
             if (key, k) not in cache:
-                scores = None if reference.importance is None else reference.importance.get(key)
-                cache[(key, k)] = variant(reference.modules[layer], tensor, k, scores)
+                cache[(key, k)] = variant(reference.modules[layer], tensor, k, scores_of(reference, key))
             swaps.append((getattr(reference.modules[layer], tensor), cache[(key, k)]))
         originals = [param.detach().clone() for param, _ in swaps]
         try:

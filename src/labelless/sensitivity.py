@@ -274,7 +274,8 @@ def _jobs(ctx: Reference, layer: LayerInfo, config: SweepConfig, done: set) -> l
 def _sweep_layer(ctx: Reference, splitter: Splitter, layer: LayerInfo, jobs: list[tuple[str, TensorChoice]]
                  ) -> list[SweepRow]:
     module = ctx.modules[layer.name]
-    variants = [variant(module, tensor, choice, _scores(ctx, layer.name, tensor)) for tensor, choice in jobs]
+    key = f"{layer.name}." if layer.name else ""
+    variants = [variant(module, tensor, choice, scores_of(ctx, key + tensor)) for tensor, choice in jobs]
     prefix, suffix = splitter.split(layer.name)
     sets = [ctx.inputs] + ([ctx.labeled[0]] if ctx.labeled else [])
     outputs = [[[] for _ in sets] for _ in variants]
@@ -294,10 +295,9 @@ def _sweep_layer(ctx: Reference, splitter: Splitter, layer: LayerInfo, jobs: lis
     return [_row(ctx, layer, variant, [torch.cat(o) for o in out]) for variant, out in zip(variants, outputs)]
 
 
-def _scores(ctx: Reference, layer: str, tensor: str) -> torch.Tensor | None:
-    if ctx.importance is None:
-        return None
-    return ctx.importance.get(f"{layer}.{tensor}" if layer else tensor)
+def scores_of(ctx: Reference, key: str) -> torch.Tensor | None:
+    """The importance the reference clusters tensor ``key`` under, or None."""
+    return None if ctx.importance is None else ctx.importance.get(key)
 
 
 def variant(module: nn.Module, tensor: str, choice: TensorChoice | int,
