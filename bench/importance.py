@@ -25,7 +25,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
 import labelless  # noqa: E402
 from labelless.data import Preprocess, open_images  # noqa: E402
-from labelless.evaluate import accuracy, predict_labeled  # noqa: E402
+from labelless.evaluate import accuracy, predict  # noqa: E402
 from labelless.importance import fisher_importance  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -75,7 +75,7 @@ def measure(teacher, test, setting: tuple[str, int, int]) -> list[dict]:
         for granularity in GRANULARITIES:
             model = labelless.quantize(teacher, [{"layers": "*", "weights": 2 ** bits, "granularity": granularity}],
                                        importance=importance)
-            logits, labels = predict_labeled(model, test, preprocess)
+            logits, labels = predict(model, test, preprocess)
             rows.append({"setting": list(setting), "bits": bits, "granularity": granularity,
                          "accuracy": accuracy(logits, labels), "importance_seconds": seconds,
                          "threads": torch.get_num_threads(), "date": time.strftime("%Y-%m-%d")})

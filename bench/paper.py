@@ -39,9 +39,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
 import labelless  # noqa: E402
 from labelless.data import Preprocess, open_images  # noqa: E402
-from labelless.evaluate import accuracy, predict_labeled, resolve_device  # noqa: E402
+from labelless.evaluate import accuracy, predict, resolve_device  # noqa: E402
 from labelless.refine import refine_images  # noqa: E402
-from labelless.retrain import RetrainConfig, retrain, retrain_labeled, trainable_parameters  # noqa: E402
+from labelless.retrain import CrossEntropy, RetrainConfig, retrain, trainable_parameters  # noqa: E402
 from labelless.search import make_evaluator, search  # noqa: E402
 from labelless.sensitivity import SweepConfig, prepare_reference, sweep  # noqa: E402
 from labelless.train import TrainConfig, train_classifier  # noqa: E402
@@ -166,7 +166,7 @@ class Bench:
         return open_images(spec_text, split=split, labeled=labeled, size=32, channels=1, limit=limit, seed=seed)
 
     def accuracy(self, model: torch.nn.Module) -> float:
-        logits, labels = predict_labeled(model, self.test, self.preprocess, device=self.device, batch_size=512)
+        logits, labels = predict(model, self.test, self.preprocess, device=self.device, batch_size=512)
         return accuracy(logits, labels)
 
     def late(self) -> bool:
@@ -273,7 +273,7 @@ def _retrainings(bench: Bench, quantized: torch.nn.Module, tune: bool) -> dict:
         config = RetrainConfig(epochs=scale.retrain_epochs, batch_size=scale.batch_size, seed=seed, tune_centroids=tune)
         for kind, go in (("labelfree_same", lambda s: retrain(s, bench.teacher, same, bench.preprocess, config=config, device=bench.device)),
                          ("labelfree_other", lambda s: retrain(s, bench.teacher, other, bench.preprocess, config=config, device=bench.device)),
-                         ("labeled", lambda s: retrain_labeled(s, labeled, bench.preprocess, config=config, device=bench.device))):
+                         ("labeled", lambda s: retrain(s, CrossEntropy(), labeled, bench.preprocess, config=config, device=bench.device))):
             if bench.late():
                 break
             result = go(copy.deepcopy(quantized))

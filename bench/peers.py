@@ -64,9 +64,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 import labelless  # noqa: E402
 from labelless.bncorrect import correct_batchnorm  # noqa: E402
 from labelless.data import Preprocess, open_images  # noqa: E402
-from labelless.evaluate import accuracy, predict_labeled, resolve_device  # noqa: E402
+from labelless.evaluate import accuracy, predict, resolve_device  # noqa: E402
 from labelless.models import save_checkpoint  # noqa: E402
-from labelless.retrain import RetrainConfig, retrain, retrain_labeled  # noqa: E402
+from labelless.retrain import CrossEntropy, RetrainConfig, retrain  # noqa: E402
 from labelless.train import TrainConfig, train_classifier  # noqa: E402
 
 log = logging.getLogger("peers")
@@ -80,7 +80,9 @@ LABELLESS = ("labelless", "labelless+fisher(fashion)", "labelless+fisher(mnist)"
              "labelless+fisher(fashion)+per_channel", "labelless+fisher(mnist)+per_channel",
              "labelless+fisher(fashion)+bn", "labelless+fisher(fashion)+per_channel+bn",
              "labelless+fisher(fashion)+bn+fp16", "labelless+fisher(fashion)+per_channel+bn+fp16",
-             "labelless+fisher(mnist)+per_channel+fp16")
+             "labelless+fisher(mnist)+per_channel+fp16",
+             "labelless+fisher(fashion)+gptq", "labelless+fisher(fashion)+gptq+bn+fp16",
+             "labelless+fisher(fashion)+per_channel+gptq+bn+fp16", "labelless+fisher(mnist)+gptq+fp16")
 FP16 = {"codebook_dtype": "float16", "dense_dtype": "float16"}  # "+fp16": codebooks and other tensors stored in fp16
 RETRAIN_SOURCE = ("labelless+fisher(fashion)+per_channel", "labelless+fisher(fashion)", "labelless")  # first made at 2 bits
 RETRAIN_KINDS = ("retrain:label-free(mnist)", "retrain:label-free(fashion)", "retrain:labelled(fashion)")
@@ -88,6 +90,8 @@ EXTRA_KINDS = ("retrain:label-free(mnist)+features",)  # one seed, after every m
 FEATURES = 1.0  # RetrainConfig.features of the "+features" rows
 BN_SOURCE = "labelless+fisher(fashion)+per_channel+bn"  # the best 2-bit start at the same bytes
 BN_KINDS = tuple("retrain+bn:" + k.split(":", 1)[1] for k in RETRAIN_KINDS + EXTRA_KINDS)  # every seed, from BN_SOURCE
+REFINE_KINDS = ("retrain+bn:label-free(mnist)+refine",)  # one seed, from BN_SOURCE: digits pulled toward the teacher
+REFINE_STEPS = 50  # RetrainConfig.refine_steps of the "+refine" rows
 RETRAIN_BITS = 2
 TEACHER_BITS = 32
 
@@ -209,7 +213,7 @@ class Bench:
 
     def accuracy(self, model: nn.Module) -> float:
         model = model.to(self.run.device).eval()
-        logits, labels = predict_labeled(model, self.test, self.preprocess, device=self.run.device, batch_size=512)
+        logits, labels = predict(model, self.test, self.preprocess, device=self.run.device, batch_size=512)
         return accuracy(logits, labels)
 
     def lless_path(self, method: str, bits: int) -> Path:
@@ -239,9 +243,12 @@ def run_bn_start(run: Run, name: str) -> None:
     """The same retrainings (and feature matching, every seed) from the BatchNorm-corrected 2-bit model."""
     bench = _bench(run, name)
     made = bench.lless_path(BN_SOURCE, RETRAIN_BITS).is_file()
+    source = BN_SOURCE if made else None
     for kind in BN_KINDS:
         for seed in range(run.scale.seeds):
-            record(bench, kind, RETRAIN_BITS, seed, partial(_retrain_row, bench, kind, seed, BN_SOURCE if made else None))
+            record(bench, kind, RETRAIN_BITS, seed, partial(_retrain_row, bench, kind, seed, source))
+    for kind in REFINE_KINDS:
+        record(bench, kind, RETRAIN_BITS, run.seed, partial(_retrain_row, bench, kind, run.seed, source))
 
 
 def _bench(run: Run, name: str) -> Bench:
@@ -348,6 +355,7 @@ def expected_keys(run: Run, models: list[str]) -> list[tuple]:
         keys += [(name, k, RETRAIN_BITS, s) for k in RETRAIN_KINDS for s in range(run.scale.seeds)]
         keys += [(name, k, RETRAIN_BITS, run.seed) for k in EXTRA_KINDS]
         keys += [(name, k, RETRAIN_BITS, s) for k in BN_KINDS for s in range(run.scale.seeds)]
+        keys += [(name, k, RETRAIN_BITS, run.seed) for k in REFINE_KINDS]
     return keys
 
 
@@ -561,6 +569,9 @@ def labelless_variant(bench: Bench, bits: int, method: str) -> dict:
     kwargs = {} if importance is None else {"importance": importance}
     start = time.perf_counter()
     model = labelless.quantize(bench.teacher_cpu, [rule], **kwargs)
+    if "+gptq" in method:  # indices re-chosen against each layer's output error, on the same images
+        _compensate()(model, bench.teacher_cpu, _images(bench, source), bench.preprocess_cpu,
+                      n_images=bench.run.scale.calibration, seed=bench.run.seed)
     if "+bn" in method:  # BatchNorm statistics corrected on the importance's own unlabelled images
         correct_batchnorm(model, bench.teacher_cpu, _images(bench, source), bench.preprocess_cpu,
                           n_images=bench.run.scale.calibration, seed=bench.run.seed)
@@ -571,6 +582,8 @@ def labelless_variant(bench: Bench, bits: int, method: str) -> dict:
         model = labelless.load(bench.lless_path(method, bits))
     notes = (f"labelless.quantize(teacher, [{rule}]{', importance=imp' if kwargs else ''}); labelless.save "
              f"(bit-packed{', codebooks and other tensors in fp16, scored as loaded back' if storage else ''})")
+    if "+gptq" in method:
+        notes += "; then compensate(model, teacher, <the same images>, preprocess) (GPTQ over the codebooks)"
     if "+bn" in method:
         notes += "; then correct_batchnorm(model, teacher, <the same images>, preprocess)"
     if source:
@@ -580,6 +593,14 @@ def labelless_variant(bench: Bench, bits: int, method: str) -> dict:
     return _result(bench, model, _labelless_packed(model), seconds, notes, bytes=report["total_bytes"],
                    file=str(bench.lless_path(method, bits)), importance_seconds=importance_seconds,
                    calibration_images=bench.run.scale.calibration if source else None)
+
+
+def _compensate() -> Callable:
+    try:
+        from labelless.compensate import compensate
+    except ImportError as exc:
+        raise MissingAPI(f"from labelless.compensate import compensate: {exc}") from None
+    return compensate
 
 
 def _require_api(fisher: bool, per_channel: bool) -> None:
@@ -654,7 +675,9 @@ def _retrain_row(bench: Bench, kind: str, seed: int, source: str | None) -> dict
     scale, path = bench.run.scale, bench.lless_path(source, RETRAIN_BITS)
     student = labelless.load(path)
     features = FEATURES if kind.endswith("+features") else 0.0
-    config = RetrainConfig(epochs=scale.retrain_epochs, batch_size=scale.batch_size, seed=seed, features=features)
+    refine = REFINE_STEPS if kind.endswith("+refine") else 0
+    config = RetrainConfig(epochs=scale.retrain_epochs, batch_size=scale.batch_size, seed=seed, features=features,
+                           refine_steps=refine)
     go = dict(config=config, device=bench.run.device)
     fashion = _open("fashion-mnist", True, scale.retrain_limit, seed=bench.run.seed)
     if how.startswith("label-free(mnist)"):
@@ -663,10 +686,10 @@ def _retrain_row(bench: Bench, kind: str, seed: int, source: str | None) -> dict
     elif how == "label-free(fashion)":
         result = retrain(student, bench.teacher, fashion.unlabeled(), bench.preprocess, **go)
     else:
-        result = retrain_labeled(student, fashion, bench.preprocess, **go)
-    notes = (f"{'retrain_labeled' if how.startswith('labelled') else 'retrain'}(labelless.load({path.name}), ..., "
+        result = retrain(student, CrossEntropy(), fashion, bench.preprocess, **go)
+    notes = (f"retrain(labelless.load({path.name}), {'CrossEntropy()' if how.startswith('labelled') else 'teacher'}, ..., "
              f"RetrainConfig(epochs={config.epochs}, batch_size={config.batch_size}, seed={seed}, "
-             f"features={features}), other fields "
+             f"features={features}, refine_steps={refine}), other fields "
              f"default) on {scale.retrain_limit} images")
     return {"accuracy": bench.accuracy(result.model), "bytes": path.stat().st_size, "source": source,
             "seconds": result.seconds, "best_epoch": result.best_epoch, "train_images": scale.retrain_limit,
@@ -770,7 +793,7 @@ def _retrain_table(rows: list[dict], models: list[str]) -> list[str]:
     lines = [f"## Retraining the {RETRAIN_BITS}-bit model (mean ± population std over seeds)", "",
              "| model | retraining | from | seeds | accuracy % | runs |", "|---|---|---|---:|---:|---|"]
     for name in models:
-        for kind in RETRAIN_KINDS + EXTRA_KINDS + BN_KINDS:
+        for kind in RETRAIN_KINDS + EXTRA_KINDS + BN_KINDS + REFINE_KINDS:
             done = [r for r in rows if r["model"] == name and r["method"] == kind and "error" not in r]
             if done:
                 values = [r["accuracy"] for r in done]
@@ -836,7 +859,7 @@ def _retrain_targets(rows: list[dict]) -> list[str]:
     for prefix in ("retrain", "retrain+bn"):
         labelled = mean(f"{prefix}:labelled(fashion)")
         for how, limit in (("label-free(mnist)", 1.0), ("label-free(mnist)+features", 1.0),
-                           ("label-free(fashion)", 0.3)):
+                           ("label-free(mnist)+refine", 1.0), ("label-free(fashion)", 0.3)):
             value = mean(f"{prefix}:{how}")
             if value is not None and labelled is not None:
                 gap = labelled - value
@@ -886,7 +909,9 @@ def _notes(rows: list[dict]) -> list[str]:
         f"`+fisher(...)`: `importance=fisher_importance(teacher, images, preprocess, n_images={calibration}, "
         f"seed=0)` on {calibration} unlabelled Fashion-MNIST training images (the same as SKM's) or MNIST digits "
         "(another domain), its time included; `+per_channel`: rules with `granularity: per_channel`, one codebook "
-        "per output channel; `+bn`: then `labelless.bncorrect.correct_batchnorm` on the same unlabelled images "
+        "per output channel; `+gptq`: then `labelless.compensate.compensate` on the same unlabelled images (each "
+        "layer's indices re-chosen, GPTQ-style, so that its output moves least; same codebooks, same bytes); "
+        "`+bn`: then `labelless.bncorrect.correct_batchnorm` on the same unlabelled images "
         "(BatchNorm running statistics moved by the shift quantization causes; no label, no training, no byte); "
         "`+fp16`: saved with `codebook_dtype='float16', dense_dtype='float16'` and scored as loaded back.",
         "- **Bytes**: labelless rows give the real `.lless` file size (`labelless.save(...)['total_bytes']`, "
@@ -895,7 +920,7 @@ def _notes(rows: list[dict]) -> list[str]:
         "dtype, plus numel * 4 for every other state_dict tensor (BatchNorm buffers included)`.",
         f"- **Retraining**: `labelless.retrain.retrain` (label-free, KL to the teacher) on "
         f"{retrained.get('train_images', '?')} MNIST digits or as many Fashion-MNIST training images with their "
-        "labels withheld, and `retrain_labeled` on the same Fashion-MNIST images with their labels; "
+        "labels withheld, and `retrain(student, CrossEntropy(), ...)` on the same Fashion-MNIST images with their labels; "
         f"`RetrainConfig(epochs={retrained.get('epochs', '?')}, seed=s)`, other fields at their defaults.",
         "",
     ]

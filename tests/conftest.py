@@ -55,3 +55,16 @@ class TinyNet(torch.nn.Module):
 @pytest.fixture
 def tiny() -> TinyNet:
     return TinyNet().eval()
+
+
+class Images(torch.utils.data.Dataset):
+    """An unlabelled dataset over a uint8 tensor of images: there is no label to read."""
+
+    def __init__(self, images: torch.Tensor):
+        self.images = images
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    def __getitem__(self, i: int) -> torch.Tensor:
+        return self.images[i]

@@ -9,7 +9,8 @@ PUBLIC = {
     "PlanError", "QuantizedTensor", "RetrainConfig", "RetrainResult", "Rule", "SweepConfig", "TensorChoice",
     "available_models", "build_model", "dequantize", "fisher_importance", "inspect", "kmeans1d", "list_layers",
     "load", "load_plan", "load_state_dict_file", "load_weights", "quantize", "quantized_tensors", "read",
-    "retrain", "retrain_labeled", "save", "search", "sse", "sweep",
+    "retrain", "save", "search", "sse", "sweep", "CrossEntropy", "Distillation", "Objective", "Preprocess",
+    "open_images", "Predictions", "predict", "export_onnx",
 }
 
 

@@ -6,21 +6,11 @@ from __future__ import annotations
 import copy
 
 import torch
+from conftest import Images
 from torch import nn
 
 import labelless
 from labelless.bncorrect import correct_batchnorm
-
-
-class Images(torch.utils.data.Dataset):
-    def __init__(self, images):
-        self.images = images
-
-    def __len__(self):
-        return len(self.images)
-
-    def __getitem__(self, i):
-        return self.images[i]
 
 
 def _bn_input(model, x):

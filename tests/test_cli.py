@@ -110,8 +110,9 @@ def test_quantize_with_unlabeled_images_weights_the_kmeans_by_importance(tmp_pat
     assert fisher.layer1[0].conv1.weight[0].unique().numel() <= 2  # per channel
     code = main([*argv, "-o", str(tmp_path / "x.lless"), "--unlabeled", "images:/no/such/folder"])
     assert code == 2 and "does not exist" in capsys.readouterr().err and not (tmp_path / "x.lless").exists()
-    code = main([*argv, "-o", str(tmp_path / "x.lless"), "--correct-bn"])
-    assert code == 2 and "--correct-bn needs --unlabeled" in capsys.readouterr().err
+    for flag in ("--correct-bn", "--compensate"):
+        code = main([*argv, "-o", str(tmp_path / "x.lless"), flag])
+        assert code == 2 and f"{flag} needs --unlabeled" in capsys.readouterr().err
 
 
 def test_quantize_can_correct_batchnorm_statistics_on_the_unlabeled_images(tmp_path, checkpoint, plan_file):
@@ -124,3 +125,38 @@ def test_quantize_can_correct_batchnorm_statistics_on_the_unlabeled_images(tmp_p
     plain, corrected = load(tmp_path / "a.lless"), load(tmp_path / "b.lless")
     assert torch.equal(plain.conv1.weight, corrected.conv1.weight)  # the same codebooks and indices
     assert not torch.equal(plain.bn1.running_mean, corrected.bn1.running_mean)
+
+
+def test_quantize_can_compensate_the_indices_on_the_unlabeled_images(tmp_path, checkpoint, plan_file):
+    from labelless import load, quantized_tensors
+
+    argv = ["quantize", *MODEL, "--weights", str(checkpoint), "--plan", str(plan_file), "--unlabeled", "digits",
+            "--limit", "16"]
+    assert main([*argv, "-o", str(tmp_path / "a.lless")]) == 0
+    assert main([*argv, "-o", str(tmp_path / "b.lless"), "--compensate"]) == 0
+    plain, compensated = (quantized_tensors(load(tmp_path / f)) for f in ("a.lless", "b.lless"))
+    assert all(torch.equal(plain[k].centroids, compensated[k].centroids) for k in plain)  # the same codebooks
+    assert any(not torch.equal(plain[k].indices, compensated[k].indices) for k in plain)  # other indices
+    assert (tmp_path / "a.lless").stat().st_size == (tmp_path / "b.lless").stat().st_size
+
+
+def test_every_retrain_config_field_is_a_flag_of_retrain():
+    import argparse
+    import dataclasses
+
+    from labelless.cli.retrain import add_retrain_args, retrain_config
+    from labelless.retrain import RetrainConfig
+
+    parser = argparse.ArgumentParser()
+    add_retrain_args(parser)
+    assert retrain_config(parser.parse_args([])) == RetrainConfig()
+    changed = {"epochs": 3, "lr": 0.01, "weight_decay": 0.1, "batch_size": 7, "loss": "mse", "temperature": 2.0,
+               "bn": "update", "balance": False, "cutmix": 0.25, "holdout": 0.2, "tune_centroids": True,
+               "centroid_lr": 0.001, "refine_steps": 5, "features": 0.5, "seed": 3, "amp": False,
+               "channels_last": False}
+    assert set(changed) == {f.name for f in dataclasses.fields(RetrainConfig)}
+    argv = []
+    for name, value in changed.items():
+        flag = "--" + name.replace("_", "-")
+        argv += ([flag] if value else ["--no-" + flag[2:]]) if isinstance(value, bool) else [flag, str(value)]
+    assert retrain_config(parser.parse_args(argv)) == RetrainConfig(**changed)

@@ -207,3 +207,23 @@ def test_dynamo_exporter_gives_the_same_compressed_graph(lless16, tmp_path):
     report = export_onnx(lless16, tmp_path / "dynamo.onnx", exporter="dynamo")
     assert report["compressed_tensors"] == 22 and report["ratio"] <= 1.25
     assert_matches(tmp_path / "dynamo.onnx", labelless.load(lless16), fashion_images(SPEC, 8))
+
+
+def test_height_and_width_are_dynamic_where_the_network_allows_it(lless16, tmp_path):
+    report = export_onnx(lless16, tmp_path / "r18.onnx")
+    assert report["dynamic_size"] and report["input_shape"] == ["batch", 1, "height", "width"]
+    model = labelless.load(lless16)
+    for size in (24, 64):  # the spec says 32 px
+        assert_matches(tmp_path / "r18.onnx", model, torch.randn(3, 1, size, size).numpy())
+
+
+def test_a_network_that_fixes_its_size_is_exported_at_that_size_or_the_one_asked_for(tiny, tmp_path):
+    quantized = labelless.quantize(tiny, [{"layers": "*", "weights": 4}])  # AdaptiveAvgPool2d(4): fixed kernels
+    report = export_onnx(quantized, tmp_path / "t.onnx", example_input=torch.zeros(1, 1, 8, 8))
+    assert not report["dynamic_size"] and report["input_shape"] == ["batch", 1, 8, 8]
+    assert_matches(tmp_path / "t.onnx", quantized, torch.randn(2, 1, 8, 8).numpy())
+    report = export_onnx(quantized, tmp_path / "t16.onnx", example_input=torch.zeros(1, 1, 8, 8), input_size=16)
+    assert report["input_shape"][2:] in (["height", "width"], [16, 16])
+    assert_matches(tmp_path / "t16.onnx", quantized, torch.randn(2, 1, 16, 16).numpy())
+    with pytest.raises(labelless.LabellessError, match="input size must be a whole number"):
+        export_onnx(quantized, tmp_path / "x.onnx", example_input=torch.zeros(1, 1, 8, 8), input_size=0)

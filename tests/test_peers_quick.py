@@ -42,7 +42,7 @@ def test_peers_quick_writes_every_row_with_a_valid_accuracy_and_size(tmp_path):
     assert run.returncode == 0, run.stderr[-3000:]
     written = json.loads((tmp_path / "peers.json").read_text())
     rows = {(r["model"], r["method"], r["bits"], r["seed"]): r for r in written}
-    methods = METHODS + RETRAININGS + list(BENCH.EXTRA_KINDS) + list(BENCH.BN_KINDS)
+    methods = METHODS + RETRAININGS + list(BENCH.EXTRA_KINDS) + list(BENCH.BN_KINDS) + list(BENCH.REFINE_KINDS)
     expected = [(MODEL, "teacher", 32, 0)] + [(MODEL, m, 2, 0) for m in methods]
     assert sorted(rows) == sorted(expected)
     for key in expected:

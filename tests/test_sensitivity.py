@@ -70,8 +70,8 @@ def test_sweep_sizes_are_real_file_sizes(tmp_path, swept, tiny):
 
 def test_sweep_measures_what_quantizing_that_layer_really_does(swept, tiny, digits, preprocess):
     row = next(r for r in swept.rows if r.layer == "conv" and r.tensor == "weight" and r.k == 2)
-    teacher = predict(tiny, digits, preprocess)
-    student = predict(labelless.quantize(tiny, [{"layers": "conv", "weights": 2}]), digits, preprocess)
+    teacher = predict(tiny, digits, preprocess).logits
+    student = predict(labelless.quantize(tiny, [{"layers": "conv", "weights": 2}]), digits, preprocess).logits
     assert row.agreement == pytest.approx(agreement(student, teacher))
 
 
@@ -106,7 +106,7 @@ def test_searched_plan_meets_its_budget_when_evaluated(swept, tiny, digits, prep
     found = search(swept, make_evaluator(reference), max_drop=budget)
     assert found.best.measured_drop <= budget
     q = labelless.quantize(tiny, found.best.plan())
-    drop = 100 - agreement(predict(q, digits, preprocess), predict(tiny, digits, preprocess))
+    drop = 100 - agreement(predict(q, digits, preprocess).logits, predict(tiny, digits, preprocess).logits)
     assert drop == pytest.approx(found.best.measured_drop, abs=1e-6) and drop <= budget
     assert found.best.bytes < swept.reference["fp32_bytes"]
     sizes = [c.bytes for c in found.alternatives]
@@ -138,7 +138,7 @@ def test_granularity_and_importance_are_options_the_search_can_pick(tmp_path, ti
     q = labelless.quantize(tiny, plan, importance=importance)
     report = labelless.save(q, tmp_path / "m.lless")
     assert found.best.bytes == report["total_bytes"]  # what the search measured is the file
-    drop = 100 - agreement(predict(q, digits, preprocess), predict(tiny, digits, preprocess))
+    drop = 100 - agreement(predict(q, digits, preprocess).logits, predict(tiny, digits, preprocess).logits)
     assert drop == pytest.approx(found.best.measured_drop, abs=1e-6)
     per_channel = [r for r in result.rows if r.granularity == "per_channel" and r.tensor == "weight" and r.k == 2]
     per_tensor = {(r.layer, r.k): r for r in result.rows if r.granularity == "per_tensor" and r.tensor == "weight"}

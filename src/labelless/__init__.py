@@ -13,30 +13,39 @@ from __future__ import annotations
 
 import logging
 
+from .data import Preprocess, open_images
 from .errors import DataError, FileFormatError, LabellessError, ModelError, PlanError
+from .evaluate import Predictions, predict
+from .export import export_onnx
 from .fileformat import inspect, load, read, save
 from .importance import fisher_importance
 from .kmeans import kmeans1d, sse
 from .layers import LayerInfo, list_layers
 from .models import ModelSpec, available_models, build_model, load_state_dict_file, load_weights
+from .objectives import CrossEntropy, Distillation, Objective
 from .plan import LayerSetting, Plan, Rule, TensorChoice, load_plan
 from .quantize import QuantizedTensor, dequantize, quantize, quantized_tensors
-from .retrain import RetrainConfig, RetrainResult, retrain, retrain_labeled
+from .retrain import RetrainConfig, RetrainResult, retrain
 from .search import search
 from .sensitivity import SweepConfig, sweep
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "CrossEntropy",
     "DataError",
+    "Distillation",
     "FileFormatError",
     "LabellessError",
     "LayerInfo",
     "LayerSetting",
     "ModelError",
     "ModelSpec",
+    "Objective",
     "Plan",
     "PlanError",
+    "Predictions",
+    "Preprocess",
     "QuantizedTensor",
     "RetrainConfig",
     "RetrainResult",
@@ -46,6 +55,7 @@ __all__ = [
     "available_models",
     "build_model",
     "dequantize",
+    "export_onnx",
     "fisher_importance",
     "inspect",
     "kmeans1d",
@@ -54,11 +64,12 @@ __all__ = [
     "load_plan",
     "load_state_dict_file",
     "load_weights",
+    "open_images",
+    "predict",
     "quantize",
     "quantized_tensors",
     "read",
     "retrain",
-    "retrain_labeled",
     "save",
     "search",
     "sse",

@@ -8,7 +8,8 @@ softmax outputs. *Accuracy* needs labels and is reported only when some are give
 from __future__ import annotations
 
 import contextlib
-from typing import Iterator
+import logging
+from typing import Iterator, NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -17,7 +18,9 @@ from torch.utils.data import Dataset
 
 from .progress import progress
 
-__all__ = ["predict", "predict_labeled", "accuracy", "agreement", "kl_divergence", "resolve_device", "autocast"]
+log = logging.getLogger(__name__)
+
+__all__ = ["predict", "Predictions", "warn_if_collapsed", "accuracy", "agreement", "kl_divergence", "resolve_device", "autocast"]
 
 
 def resolve_device(device: str | torch.device | None = "auto") -> torch.device:
@@ -40,6 +43,11 @@ def _batches(dataset: Dataset, batch_size: int) -> Iterator:
     return iter(loader(dataset, batch_size))
 
 
+class Predictions(NamedTuple):
+    logits: torch.Tensor  # (N, classes), float32 on the CPU
+    labels: torch.Tensor | None  # (N,) when the dataset yields (image, label) pairs, else None
+
+
 @torch.no_grad()
 def predict(
     model: nn.Module,
@@ -49,33 +57,21 @@ def predict(
     batch_size: int = 256,
     device: torch.device | None = None,
     desc: str = "predict",
-) -> torch.Tensor:
-    """Logits (N, classes) of ``model`` on an unlabelled dataset, in float32 on the CPU."""
-    device = device or next(model.parameters()).device
-    outputs = []
-    for images in progress(_batches(dataset, batch_size), desc=desc, total=-(-len(dataset) // batch_size)):
-        images = images[0] if isinstance(images, (list, tuple)) else images
-        outputs.append(_forward(model, preprocess, images, device).float().cpu())
-    return torch.cat(outputs)
+) -> Predictions:
+    """``model``'s logits on ``dataset`` and, when it is labelled, its labels in the same order.
 
-
-@torch.no_grad()
-def predict_labeled(
-    model: nn.Module,
-    dataset: Dataset,
-    preprocess: nn.Module,
-    *,
-    batch_size: int = 256,
-    device: torch.device | None = None,
-    desc: str = "evaluate",
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(logits, labels)`` of ``model`` on a labelled dataset."""
+    Example:
+        >>> logits, labels = predict(model, open_images("fashion-mnist", split="test", labeled=True), preprocess)
+        >>> accuracy(logits, labels)
+    """
     device = device or next(model.parameters()).device
     outputs, labels = [], []
-    for images, targets in progress(_batches(dataset, batch_size), desc=desc, total=-(-len(dataset) // batch_size)):
+    for batch in progress(_batches(dataset, batch_size), desc=desc, total=-(-len(dataset) // batch_size)):
+        images, targets = batch if isinstance(batch, (list, tuple)) else (batch, None)
         outputs.append(_forward(model, preprocess, images, device).float().cpu())
-        labels.append(targets)
-    return torch.cat(outputs), torch.cat(labels)
+        if targets is not None:
+            labels.append(targets)
+    return Predictions(torch.cat(outputs), torch.cat(labels) if labels else None)
 
 
 def _forward(model: nn.Module, preprocess: nn.Module, images: torch.Tensor, device: torch.device) -> torch.Tensor:
@@ -106,3 +102,21 @@ def kl_divergence(teacher: torch.Tensor, student: torch.Tensor, temperature: flo
         log_target=True,
         reduction="batchmean",
     ).item()
+
+
+COLLAPSED_SHARE = 0.5  # one predicted class above this share of the images: top-1 agreement says little
+
+
+def warn_if_collapsed(logits: torch.Tensor, what: str = "the unlabelled images") -> float:
+    """Log one warning when the model's predictions on ``what`` collapse onto one class (more
+    than half the images): agreement with it there says little about accuracy. Returns the
+    largest class's share."""
+    if logits.numel() == 0:
+        return 0.0
+    counts = torch.bincount(logits.argmax(1), minlength=logits.shape[1])
+    share = counts.max().item() / logits.shape[0]
+    if share > COLLAPSED_SHARE:
+        log.warning("the original model calls %.0f%% of %s class %d (%d of %d classes used): top-1 agreement on "
+                    "them says little about accuracy; prefer images of the model's own domain, or KL",
+                    100 * share, what, int(counts.argmax()), int((counts > 0).sum()), logits.shape[1])
+    return share

@@ -66,14 +66,18 @@ def export_onnx(
     dense: bool = False,
     opset: int = DEFAULT_OPSET,
     exporter: str = "auto",
+    input_size: int | None = None,
 ) -> dict[str, Any]:
     """Write ``source`` (a ``.lless`` path or a quantized model) as an ONNX file; returns sizes.
 
     By default each quantized tensor is stored as its codebook plus bit-packed indices and
     rebuilt inside the graph, so the file is about as small as the ``.lless`` file;
-    ``dense=True`` writes plain fp32 weights instead. The input is ``input`` (batch, C, H, W)
-    with a dynamic batch, the output ``logits``. A model source takes its input shape from
-    ``spec``, its ``labelless_spec``, or ``example_input``. ``exporter`` picks torch's
+    ``dense=True`` writes plain fp32 weights instead. The input is ``input`` (batch, C, H, W),
+    the output ``logits``; the batch is always dynamic, and so are height and width where the
+    network allows it (checked by running the graph at a second size; where it does not, the
+    graph keeps the export size and ``report["dynamic_size"]`` is False). The export size is
+    ``input_size`` if given, else what the source says: its ``spec``, its ``labelless_spec``, or
+    ``example_input``. ``exporter`` picks torch's
     exporter: ``"torchscript"`` (``dynamo=False``), ``"dynamo"`` (needs onnxscript), or
     ``"auto"`` (TorchScript where torch still has it).
 
@@ -90,7 +94,8 @@ def export_onnx(
     _check_options(opset, dense, exporter)
     check_output_dir(path)
     model, example, spec, lless_bytes = _source_model(source, spec, example_input)
-    proto = _export_dense(dequantize(model).eval(), example, opset, exporter)
+    example = _resized(example, input_size)
+    proto, dynamic_size = _export_any_size(dequantize(model).eval(), example, opset, exporter)
     counts = {"compressed_tensors": 0, "kept_dense_tensors": 0}
     if not dense:
         counts = _compress_graph(proto.graph, quantized_tensors(model))
@@ -101,7 +106,8 @@ def export_onnx(
     onnx_bytes = Path(path).stat().st_size
     ratio = None if lless_bytes is None else onnx_bytes / lless_bytes
     report = {"path": str(path), "dense": dense, "opset": opset, "onnx_bytes": onnx_bytes,
-              "lless_bytes": lless_bytes, "ratio": ratio, **counts}
+              "lless_bytes": lless_bytes, "ratio": ratio, "input_shape": ["batch", *example.shape[1:2],
+              *(["height", "width"] if dynamic_size else example.shape[2:])], "dynamic_size": dynamic_size, **counts}
     log.info("wrote %s: %d bytes%s", path, onnx_bytes, "" if ratio is None else f", {ratio:.3f}x the .lless file")
     return report
 
@@ -143,10 +149,49 @@ def _source_model(
     return source, example.detach().to("cpu", torch.float32), spec, None
 
 
+def _resized(example: torch.Tensor, input_size: int | None) -> torch.Tensor:
+    if input_size is None:
+        return example
+    if isinstance(input_size, bool) or not isinstance(input_size, int) or input_size < 1:
+        raise LabellessError(f"input size must be a whole number of pixels >= 1, got {input_size!r}")
+    return torch.zeros(*example.shape[:2], input_size, input_size)
+
+
+def _export_any_size(model: nn.Module, example: torch.Tensor, opset: int, exporter: str):
+    """(ModelProto, dynamic height and width?): dynamic where the graph proves right at a second size."""
+    try:
+        proto = _export_dense(model, example, opset, exporter, spatial=True)
+    except LabellessError:
+        proto = None
+    if proto is not None and _runs_at_another_size(proto, model, example):
+        return proto, True
+    log.info("the network fixes its input at %s x %s: exported for that size only (input_size= for another)",
+             *example.shape[2:])
+    return _export_dense(model, example, opset, exporter, spatial=False), False
+
+
+def _runs_at_another_size(proto, model: nn.Module, example: torch.Tensor) -> bool:
+    """Whether the exported graph, run by onnxruntime at a second input size (batch 2), gives
+    what the model gives there. Without onnxruntime: False (the safe, fixed-size export)."""
+    try:
+        import onnxruntime
+    except ImportError:
+        return False
+    other = torch.randn(2, example.shape[1], *(d + 16 for d in example.shape[2:]))
+    try:
+        with torch.no_grad():
+            expected = model(other).numpy()
+        session = onnxruntime.InferenceSession(proto.SerializeToString(), providers=["CPUExecutionProvider"])
+        got = session.run(None, {"input": other.numpy()})[0]
+    except Exception:  # noqa: BLE001 - a size the network or the graph cannot take: fixed size
+        return False
+    return got.shape == expected.shape and bool(np.allclose(got, expected, rtol=1e-3, atol=1e-3))
+
+
 # -- the dense graph -------------------------------------------------------------------------
 
 
-def _export_dense(model: nn.Module, example: torch.Tensor, opset: int, exporter: str):
+def _export_dense(model: nn.Module, example: torch.Tensor, opset: int, exporter: str, spatial: bool = False):
     """The model as an ONNX ModelProto with fp32 initializers (BatchNorm kept, not folded)."""
     import onnx
 
@@ -156,19 +201,20 @@ def _export_dense(model: nn.Module, example: torch.Tensor, opset: int, exporter:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # the TorchScript exporter's deprecation notice
             if use_dynamo:
-                return _export_dynamo(model, example, opset)
-            return onnx.load_from_string(_export_torchscript(model, example, opset))
+                return _export_dynamo(model, example, opset, spatial)
+            return onnx.load_from_string(_export_torchscript(model, example, opset, spatial))
     except torch.onnx.errors.OnnxExporterError as exc:  # what torch cannot express in ONNX
         hint = "the TorchScript one (--exporter torchscript)" if use_dynamo else "the dynamo one (--exporter dynamo)"
         raise LabellessError(f"torch's ONNX exporter cannot export this model ({_first_sentence(exc)}): "
                              f"try {hint} or another input size") from None
 
 
-def _export_torchscript(model: nn.Module, example: torch.Tensor, opset: int) -> bytes:
+def _export_torchscript(model: nn.Module, example: torch.Tensor, opset: int, spatial: bool) -> bytes:
     buffer = io.BytesIO()
+    axes = {0: "batch", 2: "height", 3: "width"} if spatial else {0: "batch"}
     torch.onnx.export(
         model, (example,), buffer, input_names=["input"], output_names=["logits"],
-        dynamic_axes={"input": {0: "batch"}, "logits": {0: "batch"}}, opset_version=opset,
+        dynamic_axes={"input": axes, "logits": {0: "batch"}}, opset_version=opset,
         training=torch.onnx.TrainingMode.PRESERVE,  # EVAL would fold BatchNorm into the weights
         do_constant_folding=False, **({"dynamo": False} if "dynamo" in _export_parameters() else {}),
     )
@@ -188,16 +234,18 @@ def _has_torchscript_exporter() -> bool:
     return "dynamic_axes" in _export_parameters() and "do_constant_folding" in _export_parameters()
 
 
-def _export_dynamo(model: nn.Module, example: torch.Tensor, opset: int):
+def _export_dynamo(model: nn.Module, example: torch.Tensor, opset: int, spatial: bool):
     try:
         import onnxscript  # noqa: F401
     except ImportError:
         raise LabellessError("torch's dynamo ONNX exporter needs onnxscript: pip install onnxscript") from None
-    batch = torch.export.Dim("batch")
+    shapes = {0: torch.export.Dim("batch")}
+    if spatial:
+        shapes.update({2: torch.export.Dim.AUTO, 3: torch.export.Dim.AUTO})
     example = example.expand(2, *example.shape[1:]).contiguous()  # batch 1 would be specialised
     program = torch.onnx.export(
         model, (example,), dynamo=True, input_names=["input"], output_names=["logits"],
-        dynamic_shapes=({0: batch},), opset_version=opset, verbose=False,
+        dynamic_shapes=(shapes,), opset_version=opset, verbose=False,
         optimize=False,  # its optimiser folds BatchNorm into conv weights under the same names
     )
     return program.model_proto

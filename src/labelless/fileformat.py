@@ -48,10 +48,11 @@ import safetensors.torch
 import torch
 from torch import nn
 
-from . import coding
+from . import coding, layout
 from .errors import FileFormatError, LabellessError, ModelError
 from .io import atomic_path, check_input_file
 from .layers import list_layers
+from .layout import DTYPES, FORMAT, SAFETENSORS_DTYPES, layout_version, safetensors_size  # noqa: F401 (re-exported)
 from .models import ModelSpec, build_model
 from .quantize import install, quantized_tensors
 
@@ -59,7 +60,6 @@ __all__ = ["save", "load", "read", "inspect", "LlessFile", "FORMAT_VERSION"]
 
 log = logging.getLogger(__name__)
 
-FORMAT = "labelless"
 FORMAT_VERSION = 2
 READABLE_VERSIONS = (1, 2)
 MAX_HEADER_BYTES = 64 << 20
@@ -69,9 +69,7 @@ DEFAULT_MAX_PARAMS = 1 << 30
 MAX_VALUES = 1 << 40  # values in one tensor, whatever the model: beyond any real file
 MAX_CLUSTERS = 1 << 24
 MAX_COUNT = 1 << 62  # any whole number in the header (shape, size, index)
-_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16,
-           "float64": torch.float64, "int64": torch.int64, "int32": torch.int32,
-           "int16": torch.int16, "int8": torch.int8, "uint8": torch.uint8, "bool": torch.bool}
+_DTYPES = DTYPES  # the names a header may give a dtype
 _CODINGS = ("packed", "ans")
 
 
@@ -122,25 +120,18 @@ def save(
             raise LabellessError(f"{name} must be one of {list(valid)}, got {value!r}")
     spec = spec or getattr(model, "labelless_spec", None)
     tensors, entries, aliases = _encode_state(model, codebook_dtype, dense_dtype, entropy)
-    header = {
-        "format": FORMAT,
-        "version": layout_version(entries),
-        "architecture": None if spec is None else spec.to_dict(),
-        "plan": _plan_data(model),
-        "layers": [{"index": l.index, "name": l.name, "type": l.type} for l in list_layers(model)],
-        "tensors": entries,
-        "aliases": aliases,
-        "fp32_bytes": fp32_safetensors_bytes(model),
-    }
-    header["checksum"] = {"algorithm": "sha256", "tensors": _digest(tensors), "header": _header_digest(header)}
+    body = layout.header(architecture=None if spec is None else spec.to_dict(), plan=_plan_data(model),
+                         layers=layer_table(model), entries=entries, aliases=aliases,
+                         fp32_bytes=fp32_safetensors_bytes(model))
+    header = layout.with_checksum(body, _digest(tensors), _header_digest(body))
     with atomic_path(path) as tmp:
-        safetensors.torch.save_file(tensors, str(tmp), metadata={FORMAT: json.dumps(header)})
+        safetensors.torch.save_file(tensors, str(tmp), metadata=layout.metadata(header))
     return inspect(path)
 
 
-def layout_version(entries: dict[str, Any]) -> int:
-    """The lowest format version that holds these tensors: 2 only for per-channel codebooks."""
-    return 2 if any(entry.get("codebooks", 1) > 1 for entry in entries.values()) else 1
+def layer_table(model: nn.Module) -> list[dict[str, Any]]:
+    """The header's ``layers``: every quantizable layer's position, name and type."""
+    return [{"index": l.index, "name": l.name, "type": l.type} for l in list_layers(model)]
 
 
 def _plan_data(model: nn.Module) -> list | None:
@@ -179,44 +170,27 @@ def _encode_quantized(key: str, qt, codebook_dtype: str, entropy: str, tensors: 
     k = qt.n_clusters
     bits = coding.index_bits(k)
     indices = qt.indices.detach().cpu().numpy().reshape(-1)
-    tensors[f"{key}::codebook"] = qt.centroids.detach().cpu().to(_DTYPES[codebook_dtype]).contiguous()
+    tensors[layout.codebook_name(key)] = qt.centroids.detach().cpu().to(_DTYPES[codebook_dtype]).contiguous()
     use_ans = entropy == "ans" and k > 1
     if use_ans:
         counts = np.bincount(indices, minlength=k).astype(np.int64)
         if (counts == 0).any():  # an unused centroid cannot be coded; it costs nothing to pack
             use_ans = False
     if use_ans:
-        tensors[f"{key}::indices"] = torch.from_numpy(coding.ans_encode(indices, counts))
-        tensors[f"{key}::counts"] = torch.from_numpy(counts)
+        tensors[layout.indices_name(key)] = torch.from_numpy(coding.ans_encode(indices, counts))
+        tensors[layout.counts_name(key)] = torch.from_numpy(counts)
     elif bits:
-        tensors[f"{key}::indices"] = torch.from_numpy(coding.pack(indices, bits))
-    entry = {
-        "kind": "quantized",
-        "shape": list(qt.indices.shape),
-        "n_clusters": k,
-        "bits": bits,
-        "coding": "ans" if use_ans else "packed",
-        "codebook_dtype": codebook_dtype,
-    }
-    if qt.n_codebooks > 1:
-        entry["codebooks"] = qt.n_codebooks
-    return entry
+        tensors[layout.indices_name(key)] = torch.from_numpy(coding.pack(indices, bits))
+    return layout.quantized_entry(list(qt.indices.shape), k, bits, "ans" if use_ans else "packed", codebook_dtype,
+                                  qt.n_codebooks)
 
 
 def _encode_dense(key: str, value: torch.Tensor, dense_dtype: str, tensors: dict) -> dict:
-    dtype = _dtype_name(value.dtype)
     stored = value.cpu().contiguous()
     if dense_dtype == "float16" and value.dtype == torch.float32:
         stored = stored.half()
     tensors[key] = stored.clone() if stored.data_ptr() == value.data_ptr() else stored
-    return {"kind": "dense", "shape": list(value.shape), "dtype": dtype, "stored_dtype": _dtype_name(stored.dtype)}
-
-
-def _dtype_name(dtype: torch.dtype) -> str:
-    for name, candidate in _DTYPES.items():
-        if candidate == dtype:
-            return name
-    raise LabellessError(f"labelless cannot store tensors of dtype {dtype}")
+    return layout.dense_entry(list(value.shape), value.dtype, stored.dtype)
 
 
 def _header_digest(header: dict[str, Any]) -> str:
@@ -244,35 +218,8 @@ def fp32_safetensors_bytes(model: nn.Module) -> int:
     for key, value in model.state_dict(keep_vars=True).items():
         if key not in skip:
             dtype = torch.float32 if value.is_floating_point() else value.dtype
-            shapes[key] = (_SAFETENSORS_DTYPES[dtype], list(value.shape), value.numel() * dtype.itemsize)
+            shapes[key] = (SAFETENSORS_DTYPES[dtype], list(value.shape), value.numel() * dtype.itemsize)
     return safetensors_size(shapes)
-
-
-_SAFETENSORS_DTYPES = {torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16",
-                       torch.float64: "F64", torch.int64: "I64", torch.int32: "I32",
-                       torch.int16: "I16", torch.int8: "I8", torch.uint8: "U8", torch.bool: "BOOL"}
-
-
-def safetensors_size(shapes: dict[str, tuple[str, list[int], int]], metadata: dict[str, str] | None = None) -> int:
-    """Bytes of a safetensors file holding tensors ``name -> (dtype, shape, nbytes)``.
-
-    Mirrors the writer: tensors sorted by dtype size (largest first) then name, a compact
-    JSON header padded with spaces to a multiple of 8 bytes.
-    """
-    order = sorted(shapes, key=lambda n: (-_ALIGN[shapes[n][0]], n))
-    entries, offset = [], 0
-    for name in order:
-        dtype, shape, nbytes = shapes[name]
-        entries.append(f'{json.dumps(name)}:{{"dtype":"{dtype}","shape":{json.dumps(shape, separators=(",", ":"))},'
-                       f'"data_offsets":[{offset},{offset + nbytes}]}}')
-        offset += nbytes
-    if metadata:
-        entries.insert(0, '"__metadata__":' + json.dumps(metadata, separators=(",", ":"), ensure_ascii=False))
-    header = len(("{" + ",".join(entries) + "}").encode())
-    return 8 + header + (-header % 8) + offset
-
-
-_ALIGN = {"F64": 8, "I64": 8, "F32": 4, "I32": 4, "F16": 2, "BF16": 2, "I16": 2, "I8": 1, "U8": 1, "BOOL": 1}
 
 
 # -- reading -------------------------------------------------------------------------------
@@ -477,13 +424,13 @@ def _expected_tensors(header: dict) -> dict[str, tuple[tuple[torch.dtype, ...], 
             expected[key] = ((_DTYPES[entry["stored_dtype"]],), tuple(entry["shape"]))
             continue
         k, groups = entry["n_clusters"], entry.get("codebooks", 1)
-        expected[f"{key}::codebook"] = ((_DTYPES[entry["codebook_dtype"]],), (k,) if groups == 1 else (groups, k))
+        expected[layout.codebook_name(key)] = ((_DTYPES[entry["codebook_dtype"]],), (k,) if groups == 1 else (groups, k))
         if entry["coding"] == "ans":
-            expected[f"{key}::indices"] = ((torch.uint8,), None)
-            expected[f"{key}::counts"] = ((torch.int64,), (k,))
+            expected[layout.indices_name(key)] = ((torch.uint8,), None)
+            expected[layout.counts_name(key)] = ((torch.int64,), (k,))
         elif entry["bits"]:
             n_bytes = coding.packed_size(math.prod(entry["shape"]), entry["bits"])
-            expected[f"{key}::indices"] = ((torch.uint8,), (n_bytes,))
+            expected[layout.indices_name(key)] = ((torch.uint8,), (n_bytes,))
     return expected
 
 
@@ -627,7 +574,7 @@ def _fill(model: nn.Module, lless: LlessFile) -> None:
 
 
 def _decode_quantized(key: str, entry: dict, lless: LlessFile) -> tuple[nn.Parameter, torch.Tensor]:
-    centroids = lless.tensors[f"{key}::codebook"].float()  # (k,) or (G, k)
+    centroids = lless.tensors[layout.codebook_name(key)].float()  # (k,) or (G, k)
     if not torch.isfinite(centroids).all():
         raise FileFormatError(f"{lless.path}: tensor {_quote(key)} has non-finite centroids: the file is corrupted")
     try:
@@ -642,9 +589,9 @@ def _decode_indices(key: str, entry: dict, tensors: dict[str, torch.Tensor]) -> 
     dtype = np.uint8 if k <= 256 else (np.int16 if k <= 32768 else np.int32)
     if bits == 0:
         return np.zeros(n_values, dtype)
-    data = tensors[f"{key}::indices"].numpy()
+    data = tensors[layout.indices_name(key)].numpy()
     if entry["coding"] == "ans":
-        return coding.ans_decode(data, tensors[f"{key}::counts"].numpy(), n_values, dtype)
+        return coding.ans_decode(data, tensors[layout.counts_name(key)].numpy(), n_values, dtype)
     return coding.unpack(data, bits, n_values, k, dtype)
 
 

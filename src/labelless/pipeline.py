@@ -22,14 +22,14 @@ from torch import nn
 
 from . import distributed
 from .config import from_mapping, to_mapping
-from .evaluate import accuracy, agreement, predict_labeled, resolve_device
+from .evaluate import accuracy, agreement, predict, resolve_device
 from .fileformat import save
 from .importance import fisher_importance
 from .io import atomic_write_json, atomic_write_text
 from .models import ModelSpec, build_model, load_weights, save_checkpoint, state_digest
 from .plan import load_plan
-from .quantize import quantize, unquantized_parameters
-from .retrain import NOTHING_TO_RETRAIN, RetrainConfig, retrain, retrain_labeled
+from .quantize import quantize
+from .retrain import CrossEntropy, RetrainConfig, retrain
 from .search import make_evaluator, search
 from .sensitivity import SweepConfig, prepare_reference, sweep
 from .train import TrainConfig, train_classifier
@@ -221,7 +221,7 @@ def _cached_teacher(run: _Run, train) -> nn.Module:
 def _original(run: _Run, test, preprocess) -> dict[str, Any]:
     from .fileformat import fp32_safetensors_bytes
 
-    logits, labels = predict_labeled(run.teacher, test, preprocess, device=run.device, desc="evaluate original")
+    logits, labels = predict(run.teacher, test, preprocess, device=run.device, desc="evaluate original")
     run.test_logits = logits
     return {"accuracy": accuracy(logits, labels), "bytes": fp32_safetensors_bytes(run.teacher)}
 
@@ -281,19 +281,9 @@ def _evaluate(run: _Run, model: nn.Module, test, preprocess, filename: str) -> d
     report = save(model, run.out / filename, entropy=storage.entropy,
                   codebook_dtype="float16" if storage.fp16_codebooks else "float32",
                   dense_dtype="float16" if storage.fp16_dense else "float32")
-    logits, labels = predict_labeled(model, test, preprocess, device=run.device, desc=f"evaluate {filename}")
+    logits, labels = predict(model, test, preprocess, device=run.device, desc=f"evaluate {filename}")
     return {"accuracy": accuracy(logits, labels), "agreement": agreement(logits, run.test_logits),
             "bytes": report["total_bytes"], "file": filename}
-
-
-def _nothing_to_retrain(run: _Run, quantized: nn.Module, test, preprocess, filename: str) -> dict[str, Any] | None:
-    """The quantized model's figures, written as ``filename``, when retraining has nothing to train."""
-    if run.config.retrain.tune_centroids or unquantized_parameters(quantized):
-        return None
-    log.warning("%s: skipping retraining and writing the quantized model unchanged "
-                "(retrain.tune_centroids: true would learn the codebooks)", NOTHING_TO_RETRAIN)
-    figures = _evaluate(run, quantized, test, preprocess, filename)
-    return dict(figures, seconds=0.0, images_per_second=0.0, best_epoch=0, skipped=NOTHING_TO_RETRAIN)
 
 
 def _labelfree(run: _Run, quantized: nn.Module, test, preprocess) -> None:
@@ -311,8 +301,8 @@ def _labeled(run: _Run, quantized: nn.Module, test, preprocess) -> None:
     def train(student: nn.Module):
         data = run.config.data
         labeled = _open(data.baseline, "train", True, run.spec, data.baseline_limit, run.config.seed)
-        return retrain_labeled(student, labeled, preprocess, config=run.config.retrain,
-                               checkpoint_dir=run.out / "checkpoints", device=run.device)
+        return retrain(student, CrossEntropy(), labeled, preprocess, config=run.config.retrain,
+                       checkpoint_dir=run.out / "checkpoints", device=run.device)
 
     run.report["retrained_labeled"] = _retrained(run, quantized, test, preprocess, "baseline.lless", train)
 
@@ -321,11 +311,10 @@ def _retrained(run: _Run, quantized: nn.Module, test, preprocess, filename: str,
                ) -> dict[str, Any]:
     """Retrain a copy of ``quantized`` with ``train`` (unless nothing is left to train), write it
     as ``filename`` and return its figures; ``holdout`` adds the held-out scores."""
-    skipped = _nothing_to_retrain(run, quantized, test, preprocess, filename)
-    if skipped is not None:
-        return skipped
     result = train(copy.deepcopy(quantized))
     figures = _evaluate(run, result.model, test, preprocess, filename)
+    if result.skipped:
+        return dict(figures, seconds=0.0, images_per_second=0.0, best_epoch=0, skipped=result.skipped)
     if holdout:
         figures.update(holdout_before=result.before, holdout_after=result.after)
     return dict(figures, seconds=round(result.seconds, 2), images_per_second=round(result.images_per_second, 1),

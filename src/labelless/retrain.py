@@ -1,4 +1,4 @@
-"""Label-free retraining (and the labelled baseline it is compared with).
+"""Label-free retraining (and the labelled baseline it is compared with): one loop, an objective.
 
 The quantized model (the *student*) keeps its quantized tensors frozen (codebooks and
 indices unchanged, unless ``tune_centroids``); every other parameter is trained so that its
@@ -49,51 +49,61 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from . import distributed
 from .errors import LabellessError
-from .evaluate import agreement, autocast, kl_divergence
-from .features import FeatureTaps, feature_loss, tap_names
+from .evaluate import autocast
 from .io import atomic_path
 from .models import state_digest, tensor_bytes
+from .objectives import CrossEntropy, Distillation, Objective, as_objective
 from .progress import progress
 from .quantize import quantized_tensors
-from .refine import refine_images
 
-__all__ = ["RetrainConfig", "RetrainResult", "retrain", "retrain_labeled", "trainable_parameters"]
+__all__ = ["RetrainConfig", "RetrainResult", "retrain", "trainable_parameters", "Objective", "Distillation",
+           "CrossEntropy"]
 
 log = logging.getLogger(__name__)
 
 NOTHING_TO_RETRAIN = "every parameter is quantized, so nothing is left to retrain"
 
 
+def _option(default: Any, help: str, choices: tuple[str, ...] | None = None) -> Any:
+    """A config field with the help text (and choices) of its CLI flag."""
+    return field(default=default, metadata={"help": help, "choices": choices})
+
+
 @dataclass(frozen=True)
 class RetrainConfig:
-    """How to retrain; every field is a CLI flag of ``labelless retrain``."""
+    """How to retrain; every field is a flag of ``labelless retrain`` (``--<field-name>``) and a
+    key of ``run``'s ``retrain:`` section, with the help text below."""
 
-    epochs: int = 5
-    lr: float = 1e-3  # Adam learning rate
-    weight_decay: float = 0.0
-    batch_size: int = 128
-    loss: str = "kl"  # "kl" (temperature-softened softmax) or "mse" (on logits)
-    temperature: float = 1.0
-    bn: str = "frozen"  # "frozen": BatchNorm statistics stay; "update": re-estimated
-    balance: bool = True  # resample so the teacher's predicted classes are balanced
-    cutmix: float = 0.5  # probability that a batch is CutMix-ed (0 turns it off)
-    holdout: float = 0.1  # fraction of the images held out to pick the best epoch
-    tune_centroids: bool = False  # also learn codebook values (indices fixed)
-    centroid_lr: float = 1e-4
-    refine_steps: int = 0  # label-free only: Adam steps pulling the images toward the teacher's BN statistics
-    features: float = 0.0  # label-free only: weight of matching every layer's output to the teacher's (0: off)
-    seed: int = 0
-    amp: bool = True  # bf16 autocast on CUDA
-    channels_last: bool = True  # on CUDA
+    epochs: int = _option(5, "passes over the retraining images")
+    lr: float = _option(1e-3, "Adam learning rate of the non-quantized parameters")
+    weight_decay: float = _option(0.0, "Adam weight decay")
+    batch_size: int = _option(128, "images per step (per process under torchrun)")
+    loss: str = _option("kl", "label-free loss on the logits: kl (temperature-softened softmax) or mse",
+                        ("kl", "mse"))
+    temperature: float = _option(1.0, "softmax temperature of the kl loss")
+    bn: str = _option("frozen", "BatchNorm statistics: keep the original's (safe across domains) or re-estimate",
+                      ("frozen", "update"))
+    balance: bool = _option(True, "label-free: resample so that the teacher's predicted classes are balanced")
+    cutmix: float = _option(0.5, "label-free: probability that a batch is CutMix-ed (0: off)")
+    holdout: float = _option(0.1, "fraction of the images held out to pick the best epoch")
+    tune_centroids: bool = _option(False, "also learn the codebook values (indices stay; the size too)")
+    centroid_lr: float = _option(1e-4, "learning rate of the codebook values, with --tune-centroids")
+    refine_steps: int = _option(0, "label-free: first pull the images toward the teacher's BatchNorm statistics "
+                                   "for this many Adam steps (for images of another domain; 50 is a good start)")
+    features: float = _option(0.0, "label-free: also match every layer's output to the teacher's, with this "
+                                   "weight next to the logit loss (0: logits only)")
+    seed: int = _option(0, "seed of the data order, the held-out split and CutMix")
+    amp: bool = _option(True, "bf16 autocast on CUDA")
+    channels_last: bool = _option(True, "channels-last memory format on CUDA")
 
     def __post_init__(self) -> None:
         checks = [
-            (self.epochs >= 0, "epochs must be >= 0"),
+            (isinstance(self.epochs, int) and self.epochs >= 1,
+             f"epochs must be a whole number >= 1 (0 would train nothing), got {self.epochs!r}"),
             (self.lr > 0 and self.centroid_lr > 0, "learning rates must be > 0"),
             (self.batch_size >= 1, "batch size must be >= 1"),
             (self.loss in ("kl", "mse"), f"loss must be kl or mse, got {self.loss!r}"),
@@ -119,6 +129,7 @@ class RetrainResult:
     seconds: float = 0.0  # training time, evaluation excluded
     images_per_second: float = 0.0
     trainable_parameters: int = 0
+    skipped: str | None = None  # why nothing was trained (the model is handed back unchanged)
 
     def summary(self) -> dict[str, Any]:
         data = dataclasses.asdict(self)
@@ -140,91 +151,68 @@ def trainable_parameters(student: nn.Module, tune_centroids: bool = False) -> li
 
 def retrain(
     student: nn.Module,
-    teacher: nn.Module,
-    unlabeled: torch.utils.data.Dataset,
+    objective: Objective | nn.Module,
+    data: torch.utils.data.Dataset,
     preprocess: nn.Module,
     *,
     config: RetrainConfig = RetrainConfig(),
     checkpoint_dir: str | Path | None = None,
     device: torch.device | None = None,
 ) -> RetrainResult:
-    """Train ``student``'s non-quantized parameters to match ``teacher`` on unlabelled images.
+    """Train ``student``'s non-quantized parameters under ``objective``.
+
+    ``objective`` is a teacher module (label-free: :class:`~labelless.objectives.Distillation`
+    of its outputs on the unlabelled ``data``) or an :class:`~labelless.objectives.Objective`,
+    such as :class:`~labelless.objectives.CrossEntropy` for the labelled baseline.
 
     Example:
         >>> result = retrain(quantized, original, open_images("mnist", size=32).unlabeled(),
         ...                  Preprocess.for_spec(spec), checkpoint_dir="ckpt")
-        >>> result.after["agreement"] >= result.before["agreement"]
-        True
+        >>> labelled = retrain(quantized, CrossEntropy(), open_images("fashion-mnist", labeled=True), preprocess)
 
-    With ``config.refine_steps`` the images are first pulled toward the teacher's training
-    domain (:func:`labelless.refine.refine_images`): for unlabelled data from another domain.
+    When every parameter is quantized (and centroids are not tuned) there is nothing to train:
+    ``student`` comes back unchanged, with ``skipped`` saying so.
     """
-    if config.refine_steps:
-        on = device or next(student.parameters()).device
-        unlabeled = refine_images(teacher, unlabeled, preprocess, config.refine_steps, device=on)
-    return _Trainer(student, teacher, unlabeled, preprocess, config, checkpoint_dir, device, labeled=False).run()
-
-
-def retrain_labeled(
-    student: nn.Module,
-    labeled: torch.utils.data.Dataset,
-    preprocess: nn.Module,
-    *,
-    config: RetrainConfig = RetrainConfig(),
-    checkpoint_dir: str | Path | None = None,
-    device: torch.device | None = None,
-) -> RetrainResult:
-    """The conventional baseline: the same frozen tensors, cross-entropy on labels."""
-    config = dataclasses.replace(config, balance=False)
-    return _Trainer(student, None, labeled, preprocess, config, checkpoint_dir, device, labeled=True).run()
+    objective = as_objective(objective)
+    if not trainable_parameters(student, config.tune_centroids):
+        log.warning("%s: the model is handed back unchanged (tune_centroids would learn the codebooks)",
+                    NOTHING_TO_RETRAIN)
+        return RetrainResult(model=student, before={}, after={}, best_epoch=0, skipped=NOTHING_TO_RETRAIN)
+    on = device or next(student.parameters()).device
+    data = objective.prepare(data, preprocess, config, on)
+    return _Trainer(student, objective, data, preprocess, config, checkpoint_dir, on).run()
 
 
 class _Trainer:
-    """One retraining run: data order, loss, holdout selection and checkpoints."""
+    """One retraining run: data order, the objective's loss, holdout selection and checkpoints."""
 
-    def __init__(self, student, teacher, dataset, preprocess, config, checkpoint_dir, device, labeled):
-        self.device = device or next(student.parameters()).device
-        self.config, self.labeled = config, labeled
-        self.student = _on_device(student, self.device, config)
-        self.teacher = None if teacher is None else _on_device(teacher, self.device, config).eval()
+    def __init__(self, student, objective, dataset, preprocess, config, checkpoint_dir, device):
+        self.device, self.config, self.objective = device, config, objective
+        self.student = self.place(student)
         self.preprocess = preprocess.to(self.device)
-        self.source = _ImageSource(dataset, labeled)
+        self.source = _ImageSource(dataset, objective.needs_labels)
         self.train_idx, self.hold_idx = _split(len(self.source), config.holdout, config.seed)
         self.params = trainable_parameters(self.student, config.tune_centroids)
-        if not self.params:
-            raise LabellessError(f"{NOTHING_TO_RETRAIN}: quantize fewer layers or pass --tune-centroids")
         self.optimizer = _optimizer(self.student, self.params, config)
         self.model = distributed.wrap(self.student, self.device, broadcast_buffers=config.bn == "update")
-        self.path = None if checkpoint_dir is None else Path(checkpoint_dir) / f"retrain-{self.kind}.ckpt"
+        self.path = None if checkpoint_dir is None else Path(checkpoint_dir) / f"retrain-{objective.kind}.ckpt"
         self.history: list[dict[str, float]] = []
-        self.taps = None
-        if config.features and not labeled:
-            names = tap_names(self.student)
-            self.taps = (FeatureTaps(self.student, names), FeatureTaps(self.teacher, names))
 
-    @property
-    def kind(self) -> str:
-        return "labeled" if self.labeled else "labelfree"
+    def place(self, model: nn.Module) -> nn.Module:
+        """``model`` on this run's device (channels-last on CUDA)."""
+        model = model.to(self.device)
+        if self.device.type == "cuda" and self.config.channels_last:
+            model = model.to(memory_format=torch.channels_last)
+        return model
 
     def run(self) -> RetrainResult:
-        targets = None if self.labeled else self._teacher_logits()
-        hold = self._holdout_reference(targets)
-        weights = _balance_weights(targets[self.train_idx]) if self.config.balance and targets is not None else None
-        state = self._resume(hold)
-        seconds, images = state["seconds"], state["images"]
-        for epoch in progress(range(state["epoch"] + 1, self.config.epochs + 1), desc=f"retrain ({self.kind})", unit="epoch"):
-            start = time.perf_counter()
-            loss, n = self._epoch(epoch, targets, weights)
-            seconds, images = seconds + time.perf_counter() - start, images + n
-            figures = self._score(hold)
-            self.history.append({"epoch": epoch, "loss": loss, **figures})
-            if _better(figures, state["best"]["figures"], self.labeled):
-                state["best"] = {"epoch": epoch, "figures": figures, "state": self._trainable_state()}
-            state.update(epoch=epoch, seconds=seconds, images=images)
-            self._save(state)
+        weights = self.objective.begin(self)
+        try:
+            state = self._train(self.objective.reference(self, self.hold_idx), weights)
+        finally:
+            self.objective.end()
         self.student.load_state_dict(state["best"]["state"], strict=False)
-        for taps in self.taps or ():
-            taps.close()
+        seconds = state["seconds"]
         return RetrainResult(
             model=self.student.eval(),
             before=state["before"],
@@ -232,19 +220,35 @@ class _Trainer:
             best_epoch=state["best"]["epoch"],
             history=self.history,
             seconds=seconds,
-            images_per_second=images / seconds if seconds else 0.0,
+            images_per_second=state["images"] / seconds if seconds else 0.0,
             trainable_parameters=sum(p.numel() for p in self.params),
         )
 
+    def _train(self, hold: torch.Tensor, weights: torch.Tensor | None) -> dict[str, Any]:
+        """Every epoch not done yet; the state of the best one (by the objective) is kept."""
+        state = self._resume(hold)
+        first, kind = state["epoch"] + 1, self.objective.kind
+        for epoch in progress(range(first, self.config.epochs + 1), desc=f"retrain ({kind})", unit="epoch"):
+            start = time.perf_counter()
+            loss, n = self._epoch(epoch, weights)
+            state.update(epoch=epoch, seconds=state["seconds"] + time.perf_counter() - start,
+                         images=state["images"] + n)
+            figures = self._score(hold)
+            self.history.append({"epoch": epoch, "loss": loss, **figures})
+            if self.objective.better(figures, state["best"]["figures"]):
+                state["best"] = {"epoch": epoch, "figures": figures, "state": self._trainable_state()}
+            self._save(state)
+        return state
+
     # -- one epoch ---------------------------------------------------------------------
 
-    def _epoch(self, epoch: int, targets: torch.Tensor | None, weights: torch.Tensor | None) -> tuple[float, int]:
+    def _epoch(self, epoch: int, weights: torch.Tensor | None) -> tuple[float, int]:
         generator = torch.Generator().manual_seed(self.config.seed * 1000 + epoch)
         order = distributed.sampler_shard(_order(self.train_idx, weights, generator))  # this rank's share
-        self._set_modes()
+        self.model.train(self.config.bn == "update")
         total, count = 0.0, 0
         for batch_idx in order.split(self.config.batch_size):
-            loss = self._step(batch_idx, targets, generator)
+            loss = self._step(batch_idx, generator)
             if distributed.world_size() > 1:  # every rank sees the same mean, so all stop together
                 loss = distributed.mean(torch.tensor(loss, dtype=torch.float64, device=self.device)).item()
             if not math.isfinite(loss):
@@ -257,52 +261,29 @@ class _Trainer:
             distributed.broadcast_tensors(v for k, v in self.student.named_buffers() if _is_bn_statistic(k))
         return total / max(count, 1), count * distributed.world_size()
 
-    def _step(self, batch_idx: torch.Tensor, targets: torch.Tensor | None, generator: torch.Generator) -> float:
+    def _step(self, batch_idx: torch.Tensor, generator: torch.Generator) -> float:
         images, labels = self.source.batch(batch_idx)
-        x = self._input(images)
-        mixed = not self.labeled and torch.rand((), generator=generator).item() < self.config.cutmix
+        x = self.input(images)
+        chance = self.objective.mixes(self.config)
+        mixed = chance > 0 and torch.rand((), generator=generator).item() < chance
         if mixed:
             x = _cutmix(x, generator)
         with autocast(self.device, self.config.amp):
             output = self.model(x).float()
-            if self.labeled:
-                loss = F.cross_entropy(output, labels.to(self.device))
-            else:
-                fresh = mixed or self.taps is not None  # the teacher runs on this very batch
-                target = self._teacher(x) if fresh else targets[batch_idx].to(self.device)
-                loss = _distillation_loss(output, target, self.config)
-                if self.taps is not None:
-                    loss = loss + self.config.features * feature_loss(self.taps[0].outputs, self.taps[1].outputs)
+            loss = self.objective.loss(self, output, x, batch_idx, labels, mixed)
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
         self.optimizer.step()
         return loss.item()
 
-    def _input(self, images: torch.Tensor) -> torch.Tensor:
+    def input(self, images: torch.Tensor) -> torch.Tensor:
+        """A batch of uint8 images, preprocessed on this run's device."""
         x = self.preprocess(images.to(self.device, non_blocking=True))
         if self.device.type == "cuda" and self.config.channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
         return x
 
-    @torch.no_grad()
-    def _teacher(self, x: torch.Tensor) -> torch.Tensor:
-        with autocast(self.device, self.config.amp):
-            return self.teacher(x).float()
-
-    def _set_modes(self) -> None:
-        self.model.train(self.config.bn == "update")
-
-    # -- reference outputs and scores ----------------------------------------------------
-
-    @torch.no_grad()
-    def _teacher_logits(self) -> torch.Tensor:
-        """The teacher's logits on every image, computed once (for balancing and caching);
-        under torchrun each rank computes its block of the images and the blocks are gathered."""
-        mine = torch.arange(len(self.source))[distributed.block(len(self.source))]
-        chunks = []
-        for batch_idx in progress(mine.split(256), desc="teacher outputs"):
-            chunks.append(self._teacher(self._input(self.source.batch(batch_idx)[0])).cpu())
-        return distributed.gather_blocks(_cat(chunks))
+    # -- held-out scores -----------------------------------------------------------------
 
     @torch.no_grad()
     def _outputs(self, indices: torch.Tensor) -> torch.Tensor:
@@ -311,19 +292,11 @@ class _Trainer:
         chunks = []
         for batch_idx in indices[distributed.block(len(indices))].split(256):
             with autocast(self.device, self.config.amp):
-                chunks.append(self.student(self._input(self.source.batch(batch_idx)[0])).float().cpu())
+                chunks.append(self.student(self.input(self.source.batch(batch_idx)[0])).float().cpu())
         return distributed.gather_blocks(_cat(chunks))
 
-    def _holdout_reference(self, targets: torch.Tensor | None) -> torch.Tensor:
-        if self.labeled:
-            return self.source.labels(self.hold_idx)
-        return targets[self.hold_idx]
-
     def _score(self, hold: torch.Tensor) -> dict[str, float]:
-        output = self._outputs(self.hold_idx)
-        if self.labeled:
-            return {"accuracy": 100.0 * (output.argmax(1) == hold).float().mean().item()}
-        return {"agreement": agreement(output, hold), "kl": kl_divergence(hold, output)}
+        return self.objective.score(self._outputs(self.hold_idx), hold)
 
     # -- state and checkpoints -----------------------------------------------------------
 
@@ -343,7 +316,7 @@ class _Trainer:
         self.student.load_state_dict(saved["current"], strict=False)
         self.optimizer.load_state_dict(saved["optimizer"])
         self.history = saved["history"]
-        log.info("resuming %s retraining after epoch %d (checkpoint of %d process(es))", self.kind, saved["epoch"],
+        log.info("resuming %s retraining after epoch %d (checkpoint of %d process(es))", self.objective.kind, saved["epoch"],
                  saved.get("world_size", 1))
         return saved
 
@@ -363,7 +336,7 @@ class _Trainer:
     def _fresh_state(self, hold: torch.Tensor) -> dict[str, Any]:
         before = self._score(hold)
         return {
-            "identity": _identity(self.config, self.kind, (self.student, self.teacher),
+            "identity": _identity(self.config, self.objective.kind, (self.student, self.objective.teacher),
                                   _data_digest(self.source, self.preprocess)),
             "epoch": 0,
             "seconds": 0.0,
@@ -414,12 +387,6 @@ def _cat(chunks: list[torch.Tensor]) -> torch.Tensor:
     return torch.cat(chunks) if chunks else torch.empty(0)
 
 
-def _better(new: dict[str, float], old: dict[str, float], labeled: bool) -> bool:
-    if labeled:
-        return new["accuracy"] > old["accuracy"]
-    return (new["agreement"], -new["kl"]) > (old["agreement"], -old["kl"])
-
-
 class _ImageSource:
     """Batches of uint8 images (and labels, for the labelled baseline) by index."""
 
@@ -449,13 +416,6 @@ class _ImageSource:
         return torch.tensor([int(self.dataset[int(i)][1]) for i in indices])
 
 
-def _on_device(model: nn.Module, device: torch.device, config: RetrainConfig) -> nn.Module:
-    model = model.to(device)
-    if device.type == "cuda" and config.channels_last:
-        model = model.to(memory_format=torch.channels_last)
-    return model
-
-
 def _optimizer(student: nn.Module, params: list[nn.Parameter], config: RetrainConfig) -> torch.optim.Optimizer:
     centroids = {id(qt.centroids) for qt in quantized_tensors(student).values()}
     groups = [
@@ -472,13 +432,6 @@ def _split(n: int, holdout: float, seed: int) -> tuple[torch.Tensor, torch.Tenso
     if n_hold == 0:
         raise LabellessError("retraining needs at least 2 images (some are held out to pick the best epoch)")
     return order[n_hold:].sort().values, order[:n_hold].sort().values
-
-
-def _balance_weights(logits: torch.Tensor) -> torch.Tensor:
-    """Per-image sampling weights that balance the teacher's predicted classes."""
-    predicted = logits.argmax(1)
-    counts = torch.bincount(predicted, minlength=logits.shape[1]).float()
-    return 1.0 / counts[predicted]
 
 
 def _order(indices: torch.Tensor, weights: torch.Tensor | None, generator: torch.Generator) -> torch.Tensor:
@@ -501,10 +454,3 @@ def _cutmix(x: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
     mixed = x.clone()
     mixed[:, :, y1:y2, x1:x2] = x[perm][:, :, y1:y2, x1:x2]
     return mixed
-
-
-def _distillation_loss(student: torch.Tensor, teacher: torch.Tensor, config: RetrainConfig) -> torch.Tensor:
-    if config.loss == "mse":
-        return F.mse_loss(student, teacher)
-    t = config.temperature
-    return F.kl_div(F.log_softmax(student / t, 1), F.log_softmax(teacher / t, 1), log_target=True, reduction="batchmean") * t * t

@@ -32,7 +32,7 @@ from torch import nn
 
 from . import distributed
 from .errors import LabellessError
-from .evaluate import accuracy, agreement, autocast, kl_divergence
+from .evaluate import accuracy, agreement, autocast, kl_divergence, warn_if_collapsed
 from .incremental import Splitter
 from .io import atomic_write_json, atomic_write_text
 from .layers import LayerInfo, list_layers
@@ -254,6 +254,7 @@ def prepare_reference(
             lab = ([preprocess(x.to(device)) for x, _ in pairs], torch.cat([y for _, y in pairs]))
     if not inputs:
         raise LabellessError("the unlabelled set is empty: give it some images")
+    warn_if_collapsed(teacher, "the sweep's unlabelled images")
     spec = getattr(model, "labelless_spec", None)
     return Reference(model, dict(model.named_modules()), inputs, teacher, lab, spec, device, FileSizer(model, spec))
 

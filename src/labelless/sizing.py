@@ -8,16 +8,14 @@ checks that it equals the size of the file :func:`labelless.save` writes.
 
 from __future__ import annotations
 
-import json
 from typing import Any
 
 import torch
 from torch import nn
 
-from . import coding
-from .fileformat import _SAFETENSORS_DTYPES as _ST
-from .fileformat import FORMAT, _dtype_name, fp32_safetensors_bytes, layout_version, safetensors_size
-from .layers import list_layers
+from . import coding, layout
+from .fileformat import fp32_safetensors_bytes, layer_table
+from .layout import SAFETENSORS_DTYPES as _ST
 from .plan import TensorChoice
 from .quantize import n_groups, quantized_tensors
 
@@ -40,11 +38,8 @@ class FileSizer:
         self.dense_half = dense_dtype == "float16"
         self.tensors, self.aliases = _distinct_tensors(model)
         self.fp32_bytes = fp32_safetensors_bytes(model)
-        self.fixed = {
-            "format": FORMAT,
-            "architecture": None if spec is None else spec.to_dict(),
-            "layers": [{"index": l.index, "name": l.name, "type": l.type} for l in list_layers(model)],
-        }
+        self.architecture = None if spec is None else spec.to_dict()
+        self.layers = layer_table(model)
 
     def size(self, n_clusters: dict[str, int | TensorChoice], plan: list | None = None) -> int:
         """Bytes of the file with ``n_clusters[key]`` centroids (or a :class:`TensorChoice`:
@@ -56,15 +51,15 @@ class FileSizer:
                 entries[key] = self._dense(key, tensor, shapes)
             else:
                 entries[key] = self._quantized(key, tensor, k, shapes)
-        header = dict(self.fixed, version=layout_version(entries), plan=plan, tensors=entries, aliases=self.aliases, fp32_bytes=self.fp32_bytes,
-                      checksum={"algorithm": "sha256", "tensors": "0" * 64, "header": "0" * 64})
-        return safetensors_size(shapes, metadata={FORMAT: json.dumps(header)})
+        body = layout.header(architecture=self.architecture, plan=plan, layers=self.layers, entries=entries,
+                             aliases=self.aliases, fp32_bytes=self.fp32_bytes)
+        header = layout.with_checksum(body, "0" * 64, "0" * 64)  # digests: always 64 hex digits
+        return layout.safetensors_size(shapes, metadata=layout.metadata(header))
 
     def _dense(self, key: str, tensor: torch.Tensor, shapes: dict) -> dict:
         stored = torch.float16 if self.dense_half and tensor.dtype == torch.float32 else tensor.dtype
         shapes[key] = (_ST[stored], list(tensor.shape), tensor.numel() * stored.itemsize)
-        return {"kind": "dense", "shape": list(tensor.shape), "dtype": _dtype_name(tensor.dtype),
-                "stored_dtype": _dtype_name(stored)}
+        return layout.dense_entry(list(tensor.shape), tensor.dtype, stored)
 
     def _quantized(self, key: str, tensor: torch.Tensor, choice: int | TensorChoice, shapes: dict) -> dict:
         choice = TensorChoice.of(choice)
@@ -72,15 +67,11 @@ class FileSizer:
         bits = coding.index_bits(k)
         dtype, name = self.codebook
         shape = [k] if groups == 1 else [groups, k]
-        shapes[f"{key}::codebook"] = (_ST[dtype], shape, groups * k * dtype.itemsize)
+        shapes[layout.codebook_name(key)] = (_ST[dtype], shape, groups * k * dtype.itemsize)
         if bits:
             n_bytes = coding.packed_size(tensor.numel(), bits)
-            shapes[f"{key}::indices"] = ("U8", [n_bytes], n_bytes)
-        entry = {"kind": "quantized", "shape": list(tensor.shape), "n_clusters": k, "bits": bits, "coding": "packed",
-                 "codebook_dtype": name}
-        if groups > 1:
-            entry["codebooks"] = groups
-        return entry
+            shapes[layout.indices_name(key)] = ("U8", [n_bytes], n_bytes)
+        return layout.quantized_entry(list(tensor.shape), k, bits, "packed", name, groups)
 
 
 def _distinct_tensors(model: nn.Module) -> tuple[dict[str, torch.Tensor], dict[str, str]]:

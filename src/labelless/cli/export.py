@@ -24,13 +24,17 @@ def add_parser(subparsers) -> None:
                         help=f"ONNX opset, {DEFAULT_OPSET}-{MAX_OPSET} (default {DEFAULT_OPSET}; --dense allows 13+)")
     parser.add_argument("--exporter", choices=EXPORTERS, default="auto",
                         help="torch's exporter: auto (TorchScript where torch has it), dynamo (needs onnxscript)")
+    parser.add_argument("--input-size", type=int, default=None, metavar="PX",
+                        help="export at this height and width (default the model's own); height and width stay "
+                             "dynamic where the network allows it")
     parser.add_argument("--json", action="store_true", help="print the report as JSON")
     parser.set_defaults(run=run)
 
 
 def run(args: argparse.Namespace) -> int:
     check_input_file(args.file, ".lless file", FileFormatError)
-    report = export_onnx(args.file, args.output, dense=args.dense, opset=args.opset, exporter=args.exporter)
+    report = export_onnx(args.file, args.output, dense=args.dense, opset=args.opset, exporter=args.exporter,
+                         input_size=args.input_size)
     if args.json:
         print_json(report)
     else:

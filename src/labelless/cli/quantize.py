@@ -6,6 +6,7 @@ import argparse
 import logging
 
 from ..bncorrect import correct_batchnorm
+from ..compensate import compensate
 from ..data import Preprocess, check_spec, open_images
 from ..errors import LabellessError
 from ..fileformat import save
@@ -41,6 +42,9 @@ def add_importance_args(parser: argparse.ArgumentParser) -> None:
                        help="then correct the BatchNorm statistics for the shift quantization causes, on the same "
                             "--unlabeled images: for images of the model's own domain (measured to hurt with "
                             "images of another domain; see docs/PEERS.md)")
+    group.add_argument("--compensate", action="store_true",
+                       help="re-choose each weight's centroid so that each layer's output moves least on the same "
+                            "--unlabeled images (GPTQ over the codebooks; same file size)")
 
 
 def add_storage_args(parser: argparse.ArgumentParser) -> None:
@@ -70,15 +74,19 @@ def run(args: argparse.Namespace) -> int:
         check_spec(args.unlabeled)
     if args.limit < 1:
         raise LabellessError(f"--limit must be >= 1 image, got {args.limit}")
-    if args.correct_bn and not args.unlabeled:
-        raise LabellessError("--correct-bn needs --unlabeled images to measure the statistics on")
+    for flag, wanted in (("--correct-bn", args.correct_bn), ("--compensate", args.compensate)):
+        if wanted and not args.unlabeled:
+            raise LabellessError(f"{flag} needs --unlabeled images to measure on")
     plan = load_plan(args.plan)
     model = model_from_args(args)
     images = _images(model, args) if args.unlabeled else None
     preprocess = Preprocess.for_spec(model.labelless_spec)
     importance = None if images is None else fisher_importance(model, images, preprocess, n_images=args.limit,
                                                                seed=args.seed)
-    quantized = quantize(model, plan, importance=importance, inplace=not args.correct_bn)
+    calibrated = args.compensate or args.correct_bn  # these need the original model next to the quantized one
+    quantized = quantize(model, plan, importance=importance, inplace=not calibrated)
+    if args.compensate:
+        compensate(quantized, model, images, preprocess, n_images=args.limit, seed=args.seed)
     if args.correct_bn:
         correct_batchnorm(quantized, model, images, preprocess, n_images=args.limit, seed=args.seed)
     report = save(quantized, args.output, **storage_kwargs(args))

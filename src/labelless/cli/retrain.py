@@ -14,12 +14,11 @@ from pathlib import Path
 from .. import distributed
 from ..data import Preprocess, open_images
 from ..errors import LabellessError
-from ..evaluate import accuracy, predict_labeled
+from ..evaluate import accuracy, predict
 from ..fileformat import load, save
 from ..io import atomic_write_json, check_output_dir
 from ..models import build_model, load_weights
-from ..quantize import unquantized_parameters
-from ..retrain import NOTHING_TO_RETRAIN, RetrainConfig, retrain, retrain_labeled
+from ..retrain import CrossEntropy, RetrainConfig, retrain
 from .common import write_config
 from .quantize import add_storage_args, storage_kwargs
 
@@ -44,33 +43,21 @@ def add_parser(subparsers) -> None:
 
 
 def add_retrain_args(parser: argparse.ArgumentParser) -> None:
+    """One flag per :class:`RetrainConfig` field, its default and help taken from the field."""
     group = parser.add_argument_group("retraining")
-    defaults = RetrainConfig()
-    group.add_argument("--epochs", type=int, default=defaults.epochs)
-    group.add_argument("--lr", type=float, default=defaults.lr)
-    group.add_argument("--batch-size", type=int, default=defaults.batch_size)
-    group.add_argument("--loss", choices=["kl", "mse"], default=defaults.loss)
-    group.add_argument("--temperature", type=float, default=defaults.temperature)
-    group.add_argument("--bn", choices=["frozen", "update"], default=defaults.bn,
-                       help="BatchNorm statistics: keep the original's (safe across domains) or re-estimate")
-    group.add_argument("--no-balance", action="store_true", help="do not balance the teacher's predicted classes")
-    group.add_argument("--cutmix", type=float, default=defaults.cutmix, help="probability of CutMix per batch (0: off)")
-    group.add_argument("--holdout", type=float, default=defaults.holdout)
-    group.add_argument("--tune-centroids", action="store_true", help="also learn codebook values (indices fixed)")
-    group.add_argument("--refine-steps", type=int, default=defaults.refine_steps,
-                       help="label-free: first pull the images toward the teacher's BatchNorm statistics for this "
-                            "many Adam steps (for images from another domain; 50 is a good start; default off)")
-    group.add_argument("--features", type=float, default=defaults.features,
-                       help="label-free: also match every layer's output to the teacher's, with this weight "
-                            "next to the logit loss (default 0: logits only)")
-    group.add_argument("--seed", type=int, default=defaults.seed)
+    for option in dataclasses.fields(RetrainConfig):
+        flag, meta = "--" + option.name.replace("_", "-"), option.metadata
+        if option.type in ("bool", bool):
+            group.add_argument(flag, action=argparse.BooleanOptionalAction, default=option.default,
+                               help=f"{meta['help']} (default {'on' if option.default else 'off'})")
+        else:
+            kind = {"int": int, "float": float, "str": str}[str(option.type)]
+            group.add_argument(flag, type=kind, default=option.default, choices=meta["choices"],
+                               help=f"{meta['help']} (default {option.default})")
 
 
 def retrain_config(args: argparse.Namespace) -> RetrainConfig:
-    return RetrainConfig(epochs=args.epochs, lr=args.lr, batch_size=args.batch_size, loss=args.loss,
-                         temperature=args.temperature, bn=args.bn, balance=not args.no_balance, cutmix=args.cutmix,
-                         holdout=args.holdout, tune_centroids=args.tune_centroids, seed=args.seed,
-                         refine_steps=args.refine_steps, features=args.features)
+    return RetrainConfig(**{option.name: getattr(args, option.name) for option in dataclasses.fields(RetrainConfig)})
 
 
 def run(args: argparse.Namespace) -> int:
@@ -84,12 +71,12 @@ def run(args: argparse.Namespace) -> int:
     device = distributed.device(args.device)
     preprocess = Preprocess.for_spec(spec).to(device)
     config = retrain_config(args)
-    if not (config.tune_centroids or unquantized_parameters(student)):
-        return _skip(args, student)
     checkpoints = Path(args.checkpoint_dir or f"{args.output}.ckpt")
     test = _test_set(args, spec)
     before = _accuracy(student, test, preprocess, device)
     result = _retrain(args, spec, student, teacher, preprocess, config, checkpoints, device)
+    if result.skipped:
+        return _skip(args, result.model)
     after = _accuracy(result.model, test, preprocess, device)
     if distributed.is_main():
         save(result.model, args.output, **storage_kwargs(args))
@@ -101,9 +88,7 @@ def run(args: argparse.Namespace) -> int:
 
 
 def _skip(args: argparse.Namespace, student) -> int:
-    """Every parameter is quantized: write the quantized model unchanged and say so."""
-    log.warning("%s: writing the quantized model unchanged (--tune-centroids would learn the codebooks)",
-                NOTHING_TO_RETRAIN)
+    """Nothing was left to retrain (retrain said why): write the quantized model unchanged."""
     if distributed.is_main():
         save(student, args.output, **storage_kwargs(args))
     print(f"nothing left to retrain; wrote {args.output} unchanged")
@@ -119,7 +104,7 @@ def _retrain(args, spec, student, teacher, preprocess, config: RetrainConfig, ch
         return retrain(student, teacher, data, preprocess, config=config, checkpoint_dir=checkpoints, device=device)
     data = open_images(args.labeled, split="train", labeled=True, size=size, channels=channels, limit=args.limit,
                        seed=args.seed)
-    return retrain_labeled(student, data, preprocess, config=config, checkpoint_dir=checkpoints, device=device)
+    return retrain(student, CrossEntropy(), data, preprocess, config=config, checkpoint_dir=checkpoints, device=device)
 
 
 def _test_set(args, spec):
@@ -132,7 +117,7 @@ def _test_set(args, spec):
 def _accuracy(model, test, preprocess, device) -> float | None:
     if test is None:
         return None
-    logits, labels = predict_labeled(model.to(device), test, preprocess, device=device)
+    logits, labels = predict(model.to(device), test, preprocess, device=device)
     return accuracy(logits, labels)
 
 

@@ -6,7 +6,7 @@ import argparse
 import logging
 
 from ..data import Preprocess, open_images
-from ..evaluate import accuracy, predict_labeled, resolve_device
+from ..evaluate import accuracy, predict, resolve_device
 from ..io import check_output_dir
 from ..models import save_checkpoint
 from ..train import TrainConfig, train_classifier
@@ -41,7 +41,7 @@ def run(args: argparse.Namespace) -> int:
     preprocess = Preprocess.for_spec(spec).to(device)
     config = TrainConfig(epochs=args.epochs, lr=args.lr, batch_size=args.batch_size, seed=args.seed)
     stats = train_classifier(model, train, preprocess, config=config, device=device)
-    logits, labels = predict_labeled(model, test, preprocess, device=device)
+    logits, labels = predict(model, test, preprocess, device=device)
     stats["test_accuracy"] = accuracy(logits, labels)
     save_checkpoint(model, args.output, spec)
     write_config(f"{args.output}.json", args, spec=spec.to_dict(), result=stats)
