@@ -515,6 +515,7 @@ RUN_CASES = {
     "wrong type: list of numbers": ("sweep: {clusters: [a, b]}\n", ("run config.sweep.clusters must be a whole",)),
     "wrong type: section not a mapping": ("retrain: 5\n", ("run config.retrain must be a mapping",)),
     "bad value: negative epochs": ("retrain: {epochs: -1}\n", ("run config.retrain: epochs must be a whole number >= 1",)),
+    "bad value: quantize images 0": ("quantize: {images: 0}\n", ("run config.quantize: quantize.images must be a whole number >= 1",)),
     "bad value: zero epochs": ("retrain: {epochs: 0}\n", ("run config.retrain: epochs must be a whole number >= 1 (0 would train nothing)",)),
     "bad value: teacher epochs 0": ("teacher: {train: {epochs: 0}}\n", ("run config.teacher.train: train needs",)),
     "bad value: metric": ("search: {metric: acuracy}\n", ("search.metric must be 'agreement'",)),

@@ -10,8 +10,8 @@ read (the inputs come from unlabelled images).
 
 Layers are compensated in forward order, each on the inputs it receives from the already
 compensated layers before it (so later layers also absorb the earlier ones' errors); columns
-go in order of decreasing ``diag(H)`` ("act order"). Grouped convolutions (depthwise ones)
-keep their nearest-centroid indices.
+go in order of decreasing ``diag(H)`` ("act order"). A grouped convolution (a depthwise one
+too) has one Hessian per group, over the inputs that group reads; all groups run at once.
 """
 
 from __future__ import annotations
@@ -74,42 +74,56 @@ def compensate(
 
 
 def gptq_indices(weight: torch.Tensor, qt: QuantizedTensor, hessian: torch.Tensor, damp: float = 0.01) -> torch.Tensor:
-    """GPTQ over ``qt``'s codebook(s): the index of every value of ``weight`` (its shape)."""
-    rows = weight.reshape(weight.shape[0], -1).double()
-    table = _row_codebooks(qt, rows.shape[0]).to(rows)
-    order = torch.argsort(torch.diagonal(hessian), descending=True)
-    upper = _inverse_factor(hessian[order][:, order].double(), damp)
-    chosen = _assign(rows[:, order].clone(), table, upper)
-    indices = torch.empty_like(chosen)
-    indices[:, order] = chosen
-    return indices.view(weight.shape)
+    """GPTQ over ``qt``'s codebook(s): the index of every value of ``weight`` (its shape).
+
+    ``hessian``: ``(C, C)`` over the flattened input of every output channel, or ``(G, C, C)``
+    for a convolution in ``G`` groups (group ``g``'s output channels read its own inputs).
+    """
+    hessian = hessian if hessian.dim() == 3 else hessian[None]
+    groups, n_cols = hessian.shape[0], hessian.shape[-1]
+    rows = weight.reshape(groups, -1, n_cols).float()  # (G, rows per group, C)
+    table = _row_codebooks(qt, weight.shape[0]).to(rows).reshape(groups, rows.shape[1], -1)
+    order = torch.argsort(torch.diagonal(hessian, dim1=-2, dim2=-1), dim=-1, descending=True)  # (G, C)
+    g = torch.arange(groups)[:, None, None]
+    upper = _inverse_factor(hessian.float()[g, order[:, :, None], order[:, None, :]], damp)
+    spread = order[:, None, :].expand_as(rows)
+    chosen = _assign(rows.gather(2, spread), table, upper)
+    return torch.empty_like(chosen).scatter_(2, spread, chosen).view(weight.shape)
 
 
 def _assign(w: torch.Tensor, table: torch.Tensor, upper: torch.Tensor) -> torch.Tensor:
-    """The column loop of GPTQ with lazy block updates; ``w`` (rows, cols) is consumed."""
-    n_cols = w.shape[1]
+    """The column loop of GPTQ with lazy block updates, for every group at once.
+
+    ``w`` (G, R, C) is consumed; ``table`` (G, R, k) holds each row's codebook; ``upper``
+    (G, C, C) each group's inverse-Hessian factor. Returns the chosen indices, (G, R, C).
+    """
+    n_cols = w.shape[-1]
     indices = torch.empty(w.shape, dtype=torch.long)
     for start in range(0, n_cols, BLOCK):
         end = min(start + BLOCK, n_cols)
-        block, errors = w[:, start:end], torch.empty(w.shape[0], end - start, dtype=w.dtype)
+        block, errors = w[..., start:end], torch.empty(*w.shape[:2], end - start, dtype=w.dtype)
         for i in range(end - start):
-            column = block[:, i]
-            idx = (column[:, None] - table).abs().argmin(1)
-            error = (column - table.gather(1, idx[:, None]).squeeze(1)) / upper[start + i, start + i]
-            block[:, i:] -= error[:, None] * upper[start + i, start + i:end][None, :]
-            indices[:, start + i], errors[:, i] = idx, error
-        w[:, end:] -= errors @ upper[start:end, end:]
+            col = start + i
+            column = block[..., i]  # (G, R)
+            idx = (column[..., None] - table).abs().argmin(-1)
+            error = (column - table.gather(-1, idx[..., None]).squeeze(-1)) / upper[:, col, col, None]
+            block[..., i:] -= error[..., None] * upper[:, None, col, col:end]
+            indices[..., col], errors[..., i] = idx, error
+        w[..., end:] -= errors @ upper[:, start:end, end:]
     return indices
 
 
 def _inverse_factor(hessian: torch.Tensor, damp: float) -> torch.Tensor:
-    """Upper Cholesky factor of the damped inverse Hessian (GPTQ's ``Hinv``)."""
+    """Upper Cholesky factor ``U`` of the damped inverse Hessian (``H^-1 = U^T U``, GPTQ's
+    ``Hinv``), per group, from one Cholesky factorisation and one triangular inverse: with
+    ``J`` the order reversal and ``J H J = L L^T``, ``U = J L^-1 J``."""
     h = hessian.clone()
-    dead = torch.diagonal(h) == 0  # inputs that are always zero: any centroid is as good
-    h[dead, dead] = 1.0
-    h += torch.eye(h.shape[0], dtype=h.dtype) * (damp * torch.diagonal(h).mean())
-    inverse = torch.cholesky_inverse(torch.linalg.cholesky(h))
-    return torch.linalg.cholesky(inverse, upper=True)
+    diagonal = torch.diagonal(h, dim1=-2, dim2=-1)  # a view
+    diagonal[diagonal == 0] = 1.0  # inputs that are always zero: any centroid is as good
+    diagonal += damp * diagonal.mean(-1, keepdim=True)
+    lower = torch.linalg.cholesky(h.flip(-2, -1))
+    eye = torch.eye(h.shape[-1], dtype=h.dtype).expand_as(h)
+    return torch.linalg.solve_triangular(lower, eye, upper=False).flip(-2, -1)
 
 
 def _row_codebooks(qt: QuantizedTensor, n_rows: int) -> torch.Tensor:
@@ -121,7 +135,7 @@ def _row_codebooks(qt: QuantizedTensor, n_rows: int) -> torch.Tensor:
 
 
 def _supported(module: nn.Module) -> bool:
-    return isinstance(module, nn.Linear) or (isinstance(module, nn.Conv2d) and module.groups == 1)
+    return isinstance(module, (nn.Linear, nn.Conv2d))
 
 
 class _Seen(Exception):
@@ -129,12 +143,18 @@ class _Seen(Exception):
 
 
 def _input_hessian(model: nn.Module, layer: nn.Module, x: torch.Tensor, batch_size: int) -> torch.Tensor:
-    """``2 X^T X / n`` of what ``layer`` reads (unfolded patches for a convolution), float64 on the CPU."""
+    """``2 X^T X / n`` of what ``layer`` reads (unfolded patches for a convolution), one per group
+    of a grouped convolution: ``(G, C, C)``, float64 on the CPU."""
     found = {"sum": torch.zeros(()), "n": 0}
 
     def hook(module: nn.Module, args: tuple) -> None:
-        rows = _patches(module, args[0].detach().float())
-        found["sum"] = found["sum"] + (rows.T @ rows).double().cpu()
+        rows = _patches(module, args[0].detach().float())  # (n, in_features)
+        grouped = rows.reshape(rows.shape[0], getattr(module, "groups", 1), -1)  # (n, G, in_features / G)
+        if grouped.shape[1] == 1:
+            product = (rows.T @ rows)[None]
+        else:
+            product = torch.einsum("ngi,ngj->gij", grouped, grouped)
+        found["sum"] = found["sum"] + product  # float32 on the device, over a handful of batches
         found["n"] += rows.shape[0]
         raise _Seen
 
@@ -147,7 +167,7 @@ def _input_hessian(model: nn.Module, layer: nn.Module, x: torch.Tensor, batch_si
                 pass
     finally:
         handle.remove()
-    return 2.0 * found["sum"] / max(found["n"], 1)
+    return 2.0 * found["sum"].double().cpu() / max(found["n"], 1)
 
 
 def _patches(module: nn.Module, inputs: torch.Tensor) -> torch.Tensor:

@@ -21,7 +21,10 @@ import yaml
 from torch import nn
 
 from . import distributed
+from .bncorrect import correct_batchnorm
+from .compensate import compensate
 from .config import from_mapping, to_mapping
+from .errors import LabellessError
 from .evaluate import accuracy, agreement, predict, resolve_device
 from .fileformat import save
 from .importance import fisher_importance
@@ -80,6 +83,19 @@ class SweepSection:
 
 
 @dataclass(frozen=True)
+class QuantizeSection:
+    """How the searched plan is applied, on the unlabelled images (no label read)."""
+
+    compensate: bool = True  # GPTQ-style indices: each layer's output moves least (same codebooks, same bytes)
+    correct_bn: bool = False  # BatchNorm statistics moved by the quantization's shift: for same-domain images only
+    images: int = 512  # unlabelled images both measure on
+
+    def __post_init__(self) -> None:
+        if isinstance(self.images, bool) or not isinstance(self.images, int) or self.images < 1:
+            raise LabellessError(f"quantize.images must be a whole number >= 1, got {self.images!r}")
+
+
+@dataclass(frozen=True)
 class SearchSection:
     max_drop: float = 1.0  # points of top-1 agreement (or accuracy) the plan may cost
     metric: str = "agreement"
@@ -102,6 +118,7 @@ class RunConfig:
     data: DataSection = DataSection()
     sweep: SweepSection = SweepSection()
     search: SearchSection = SearchSection()
+    quantize: QuantizeSection = QuantizeSection()
     retrain: RetrainConfig = RetrainConfig(epochs=2)
     baseline: bool = True  # also run conventional labelled retraining, for comparison
     storage: StorageSection = StorageSection()
@@ -149,7 +166,7 @@ def run_pipeline(config: RunConfig) -> dict[str, Any]:
     run.report["original"] = _original(run, test, preprocess)
     importance = _stage(run, "importance", lambda r: _importance(r, preprocess))
     plan = _stage(run, "sweep and search", lambda r: _plan(r, preprocess, importance))
-    quantized = quantize(run.teacher, plan, importance=importance)
+    quantized = _stage(run, "quantize", lambda r: _quantized(r, plan, importance, preprocess))
     run.report["quantized"] = _evaluate(run, quantized, test, preprocess, "quantized.lless")
     _stage(run, "label-free retraining", lambda r: _labelfree(r, quantized, test, preprocess))
     if config.baseline:
@@ -235,6 +252,21 @@ def _importance(run: _Run, preprocess) -> dict[str, torch.Tensor] | None:
     images = _open(data.unlabeled, "train", False, run.spec, cfg.importance_images, run.config.seed)
     return fisher_importance(run.teacher, images.unlabeled(), preprocess, n_images=cfg.importance_images,
                              seed=run.config.seed, device=run.device)
+
+
+def _quantized(run: _Run, plan, importance, preprocess) -> nn.Module:
+    """The plan applied; then, as configured, compensated and BatchNorm-corrected on the unlabelled images."""
+    model = quantize(run.teacher, plan, importance=importance)
+    cfg = run.config.quantize
+    if cfg.compensate or cfg.correct_bn:
+        images = _open(run.config.data.unlabeled, "train", False, run.spec, cfg.images, run.config.seed).unlabeled()
+        options = dict(n_images=cfg.images, seed=run.config.seed, device=run.device)
+        if cfg.compensate:
+            compensate(model, run.teacher, images, preprocess, **options)
+        if cfg.correct_bn:
+            correct_batchnorm(model, run.teacher, images, preprocess, **options)
+        distributed.broadcast_state(model)  # under torchrun every rank goes on with rank 0's indices
+    return model
 
 
 def _plan(run: _Run, preprocess, importance):
