@@ -921,7 +921,11 @@ def _notes(rows: list[dict]) -> list[str]:
         f"- **Retraining**: `labelless.retrain.retrain` (label-free, KL to the teacher) on "
         f"{retrained.get('train_images', '?')} MNIST digits or as many Fashion-MNIST training images with their "
         "labels withheld, and `retrain(student, CrossEntropy(), ...)` on the same Fashion-MNIST images with their labels; "
-        f"`RetrainConfig(epochs={retrained.get('epochs', '?')}, seed=s)`, other fields at their defaults.",
+        f"`RetrainConfig(epochs={retrained.get('epochs', '?')}, seed=s)`, other fields at their defaults. "
+        f"`retrain:` rows start from the first of {', '.join(RETRAIN_SOURCE)} that was made; `retrain+bn:` rows from "
+        f"{BN_SOURCE}; `+features`: `features={FEATURES}` (every layer's output matched too); `+refine`: "
+        f"`refine_steps={REFINE_STEPS}` (the digits first pulled toward the teacher's BatchNorm statistics; the "
+        "held-out split is of the refined images too).",
         "",
     ]
 
