@@ -47,6 +47,9 @@ def pets(tmp_path) -> Path:
     return root
 
 
+REAL_DOWNLOAD = data._download  # before any test replaces it
+
+
 @pytest.fixture(autouse=True)
 def _offline(monkeypatch):
     """No test may reach the network or a user's own data folders."""
@@ -400,3 +403,17 @@ def test_preprocess_runs_on_cuda_like_on_cpu():
 def test_describe_names_the_source_without_reading_it():
     assert "subfolders of /data/pets" in describe("imagefolder:/data/pets")
     assert "60,000" in describe("fashion-mnist")
+
+
+def test_nothing_is_downloaded_unless_asked(monkeypatch, caplog):
+    import logging
+    import socket
+
+    def no_network(*args, **kwargs):
+        raise AssertionError("labelless tried to reach the network without LABELLESS_DOWNLOAD=1")
+
+    monkeypatch.setattr(socket, "create_connection", no_network)
+    monkeypatch.delenv("LABELLESS_DOWNLOAD", raising=False)
+    with caplog.at_level(logging.INFO, logger="labelless"):
+        assert REAL_DOWNLOAD("MNIST", "train") is None  # the real function: the autouse stub replaced the module's
+    assert "downloads nothing unless LABELLESS_DOWNLOAD=1" in caplog.text

