@@ -23,7 +23,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from . import distributed
-from .evaluate import agreement, autocast, kl_divergence, warn_if_collapsed
+from .evaluate import accuracy, agreement, autocast, kl_divergence, warn_if_collapsed
 from .features import FeatureTaps, feature_loss, tap_names
 from .progress import progress
 from .refine import refine_images
@@ -159,7 +159,7 @@ class CrossEntropy(Objective):
         return F.cross_entropy(output, labels.to(trainer.device))
 
     def score(self, output, reference):
-        return {"accuracy": 100.0 * (output.argmax(1) == reference).float().mean().item()}
+        return {"accuracy": accuracy(output, reference)}
 
     def better(self, new, old):
         return new["accuracy"] > old["accuracy"]

@@ -174,25 +174,26 @@ def retrain(
     ``student`` comes back unchanged, with ``skipped`` saying so.
     """
     objective = as_objective(objective)
-    if not trainable_parameters(student, config.tune_centroids):
+    params = trainable_parameters(student, config.tune_centroids)
+    if not params:
         log.warning("%s: the model is handed back unchanged (tune_centroids would learn the codebooks)",
                     NOTHING_TO_RETRAIN)
         return RetrainResult(model=student, before={}, after={}, best_epoch=0, skipped=NOTHING_TO_RETRAIN)
     on = device or next(student.parameters()).device
     data = objective.prepare(data, preprocess, config, on)
-    return _Trainer(student, objective, data, preprocess, config, checkpoint_dir, on).run()
+    return _Trainer(student, params, objective, data, preprocess, config, checkpoint_dir, on).run()
 
 
 class _Trainer:
     """One retraining run: data order, the objective's loss, holdout selection and checkpoints."""
 
-    def __init__(self, student, objective, dataset, preprocess, config, checkpoint_dir, device):
+    def __init__(self, student, params, objective, dataset, preprocess, config, checkpoint_dir, device):
         self.device, self.config, self.objective = device, config, objective
         self.student = self.place(student)
         self.preprocess = preprocess.to(self.device)
         self.source = _ImageSource(dataset, objective.needs_labels)
         self.train_idx, self.hold_idx = _split(len(self.source), config.holdout, config.seed)
-        self.params = trainable_parameters(self.student, config.tune_centroids)
+        self.params = params  # the student's own parameters: placing it on the device moved them in place
         self.optimizer = _optimizer(self.student, self.params, config)
         self.model = distributed.wrap(self.student, self.device, broadcast_buffers=config.bn == "update")
         self.path = None if checkpoint_dir is None else Path(checkpoint_dir) / f"retrain-{objective.kind}.ckpt"
