@@ -10,6 +10,8 @@ time limit still leaves its results.
 
     # on a GPU (one call of at most 8 minutes; carry the data, see --prepare-data)
     python bench/paper.py --out $OUT --data data/
+    # on two CPU cores, scaled to about 90 minutes (a background job; a rerun skips finished rows)
+    nohup python bench/paper.py --scale cpu --models resnet50,vgg16_bn --out docs/results &
     # on a CPU, as a smoke test (CI): tiny subsets, one epoch
     python bench/paper.py --quick --out /tmp/paper
     # docs/RESULTS.md from the rows
@@ -38,8 +40,10 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
 import labelless  # noqa: E402
+from labelless.compensate import compensate  # noqa: E402
 from labelless.data import Preprocess, open_images  # noqa: E402
 from labelless.evaluate import accuracy, predict, resolve_device  # noqa: E402
+from labelless.importance import fisher_importance  # noqa: E402
 from labelless.refine import refine_images  # noqa: E402
 from labelless.retrain import CrossEntropy, RetrainConfig, retrain, trainable_parameters  # noqa: E402
 from labelless.search import make_evaluator, search  # noqa: E402
@@ -60,22 +64,36 @@ FASHION_MEAN, FASHION_STD = (0.2860,), (0.3530,)
 class Scale:
     """How much of everything one run uses."""
 
+    name: str
     teacher_epochs: dict  # per model
-    teacher_limit: int | None
+    teacher_limit: int | None  # labelled training images of the teachers (None: all 60,000)
     batch_size: int
     test_limit: int | None
     sweep_limit: int
     clusters: tuple[int, ...]
     retrain_limit: int | None
     retrain_epochs: int
-    seeds: int
+    seeds: int  # retraining seeds of the chosen plan (searched, no centroid tuning)
+    other_seeds: int  # retraining seeds of every other row
     speed_steps: int  # timed training steps of the fine-tuning speed comparison
     refine_steps: int  # other-domain images pulled toward the teacher's BatchNorm statistics (labelless.refine)
+    small_input: dict  # per model: the small-input stem (False: torchvision's own stem)
+    include_bias: bool = True  # sweep biases as tensors of their own (else they stay fp32)
+    calibration: int = 512  # unlabelled images for the Fisher importance and the compensation
+    compensate: bool = True  # GPTQ-style indices after the k-means, as `labelless run` does
 
 
-GPU = Scale({"vgg16_bn": 12, "resnet50": 8}, None, 256, None, 10_000, (1, 2, 4, 8, 16, 32, 64, 128, 256),
-            20_000, 3, 3, 10, 50)
-QUICK = Scale({"vgg16_bn": 1, "resnet50": 1}, 64, 32, 32, 8, (1, 16), 32, 1, 1, 1, 1)
+GPU = Scale("gpu", {"vgg16_bn": 12, "resnet50": 8}, None, 256, None, 10_000, (1, 2, 4, 8, 16, 32, 64, 128, 256),
+            20_000, 3, 3, 3, 10, 50, {"vgg16_bn": True, "resnet50": True})
+# Two CPU cores, about 90 minutes for both networks: teachers on 12,000 of the 60,000 training
+# images, ResNet-50 with torchvision's standard stem (the small-input stem trains at ~15 images/s
+# here), the sweep on 1,000 unlabelled images without bias rows, retraining on 2,000 images for
+# 2 epochs, 3 seeds for the chosen plan and 1 for the rest; all 10,000 test images.
+CPU = Scale("cpu", {"vgg16_bn": 2, "resnet50": 3}, 12_000, 64, None, 1_000, (1, 2, 4, 8, 16, 64, 256),
+            2_000, 2, 3, 1, 5, 50, {"vgg16_bn": True, "resnet50": False}, include_bias=False, calibration=256)
+QUICK = Scale("quick", {"vgg16_bn": 1, "resnet50": 1}, 64, 32, 32, 8, (1, 16), 32, 1, 1, 1, 1, 1,
+              {"vgg16_bn": True, "resnet50": False}, calibration=16, compensate=False)
+SCALES = {s.name: s for s in (GPU, CPU, QUICK)}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -89,20 +107,24 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     if args.data:
         os.environ["LABELLESS_DATA"] = str(Path(args.data).resolve())
-    scale = QUICK if args.quick else GPU
+    scale = SCALES["quick" if args.quick else args.scale]
     if args.seeds:
         scale = dataclasses.replace(scale, seeds=args.seeds)
     out = Path(args.out or os.environ.get("OUT") or "bench/results/paper")
-    out.mkdir(parents=True, exist_ok=True)
+    cache = Path(args.cache) if args.cache else out / "cache"
+    cache.mkdir(parents=True, exist_ok=True)
     deadline = time.monotonic() + (args.time_limit if args.time_limit is not None else float("inf"))
     for name in args.models.split(","):
-        run_model(name, scale, out, resolve_device(args.device), _other_domain(args.data), deadline)
+        run_model(Bench(name, scale, out, cache, resolve_device(args.device), _other_domain(args.data), deadline))
     return 0
 
 
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--quick", action="store_true", help="tiny subsets and one epoch: a CPU smoke test")
+    parser.add_argument("--scale", choices=sorted(SCALES), default="gpu",
+                        help="gpu: the full protocol; cpu: scaled to about 90 minutes on two cores; quick: a smoke test")
+    parser.add_argument("--quick", action="store_true", help="the same as --scale quick")
+    parser.add_argument("--cache", default=None, help="teachers and searched plans, reused by a rerun (default OUT/cache)")
     parser.add_argument("--models", default="vgg16_bn,resnet50")
     parser.add_argument("--seeds", type=int, default=0, help="retraining seeds (default 3, 1 with --quick)")
     parser.add_argument("--device", default="auto")
@@ -144,6 +166,7 @@ class Bench:
     name: str
     scale: Scale
     out: Path
+    cache: Path  # teachers and searched plans, reused by a rerun
     device: torch.device
     other: str
     deadline: float
@@ -172,50 +195,103 @@ class Bench:
     def late(self) -> bool:
         return time.monotonic() > self.deadline
 
+    def done(self) -> set[tuple]:
+        """(plan, tune_centroids) of this model's rows already in paper.json at this scale."""
+        path = self.out / "paper.json"
+        rows = json.loads(path.read_text()) if path.is_file() else []
+        return {(r["plan"]["name"], r["tune_centroids"]) for r in rows
+                if r["model"] == self.name and r.get("scale", "gpu") == self.scale.name}
 
-def run_model(name: str, scale: Scale, out: Path, device: torch.device, other: str, deadline: float) -> None:
-    bench = Bench(name, scale, out, device, other, deadline)
-    bench.spec = labelless.ModelSpec(name, num_classes=10, in_channels=1, small_input=True, image_size=32,
-                                     mean=FASHION_MEAN, std=FASHION_STD)
-    bench.preprocess = Preprocess.for_spec(bench.spec).to(device)
+
+def run_model(bench: Bench) -> None:
+    scale, name = bench.scale, bench.name
+    todo = [(p, t) for p in ("searched", "paper") for t in (False, True) if (p, t) not in bench.done()]
+    if not todo:
+        log.info("%s: every row is in %s already", name, bench.out / "paper.json")
+        return
+    bench.spec = labelless.ModelSpec(name, num_classes=10, in_channels=1, small_input=scale.small_input[name],
+                                     image_size=32, mean=FASHION_MEAN, std=FASHION_STD)
+    bench.preprocess = Preprocess.for_spec(bench.spec).to(bench.device)
     bench.test = bench.open("fashion-mnist", True, scale.test_limit, split="test")
-    bench.teacher = _train_teacher(bench)
+    bench.teacher = _teacher(bench)
     bench.original = bench.accuracy(bench.teacher)
     log.info("%s: original accuracy %.2f%%", name, bench.original)
-    plan, sweep_seconds = _searched_plan(bench)
-    for plan_name, rules in (("searched", plan), ("paper", PAPER_PLANS.get(name))):
-        if rules is not None and not bench.late():
-            _plan_rows(bench, plan_name, rules, sweep_seconds if plan_name == "searched" else None)
+    importance = fisher_importance(bench.teacher, _calibration(bench), bench.preprocess,
+                                   n_images=scale.calibration, device=bench.device)
+    plans = {"searched": None, "paper": PAPER_PLANS.get(name)}
+    for plan_name in dict.fromkeys(p for p, _ in todo):
+        if plans[plan_name] is None:
+            plans[plan_name] = _searched_plan(bench, importance)
+        if not bench.late():
+            _plan_rows(bench, plan_name, plans[plan_name], importance, [t for p, t in todo if p == plan_name])
 
 
-def _train_teacher(bench: Bench) -> torch.nn.Module:
+def _calibration(bench: Bench):
+    """Unlabelled same-domain images for the Fisher importance and the compensation (labels withheld)."""
+    return bench.open("fashion-mnist", False, bench.scale.calibration, seed=1).unlabeled()
+
+
+def _teacher(bench: Bench) -> torch.nn.Module:
+    """The original network, trained with labels once per scale (seeded) and cached."""
+    from safetensors.torch import load_file, save_file
+
+    scale = bench.scale
+    path = bench.cache / f"teacher-{bench.name}-{scale.name}.safetensors"
+    torch.manual_seed(0)
     model = labelless.build_model(bench.spec).to(bench.device)
+    if path.is_file():
+        model.load_state_dict(load_file(path, device=str(bench.device)))
+        return model.eval()
     if bench.device.type == "cuda":
         model = model.to(memory_format=torch.channels_last)
-    train = bench.open("fashion-mnist", True, bench.scale.teacher_limit)
-    config = TrainConfig(epochs=bench.scale.teacher_epochs[bench.name], lr=2e-3, batch_size=bench.scale.batch_size)
+    train = bench.open("fashion-mnist", True, scale.teacher_limit)
+    config = TrainConfig(epochs=scale.teacher_epochs[bench.name], lr=2e-3, batch_size=scale.batch_size)
     stats = train_classifier(model, train, bench.preprocess, config=config, device=bench.device)
     log.info("%s: teacher trained in %.0f s (%.0f images/s)", bench.name, stats["seconds"], stats["images_per_second"])
+    state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
+    save_file(state, path.with_suffix(".tmp"), metadata={"train_seconds": f"{stats['seconds']:.1f}"})
+    os.replace(path.with_suffix(".tmp"), path)
     return model.eval()
 
 
-def _searched_plan(bench: Bench) -> tuple[list, float]:
+def _searched_plan(bench: Bench, importance: dict) -> tuple[list, float]:
+    """(plan rules, sweep seconds): the sweep and the size-target search, label-free, cached."""
+    path = bench.cache / f"plan-{bench.name}-{bench.scale.name}.json"
+    if path.is_file():
+        found = json.loads(path.read_text())
+        return found["rules"], found["sweep_seconds"]
     start = time.perf_counter()
     unlabeled = bench.open("fashion-mnist", False, bench.scale.sweep_limit).unlabeled()
-    config = SweepConfig(clusters=bench.scale.clusters, batch_size=bench.scale.batch_size * 2)
+    config = SweepConfig(clusters=bench.scale.clusters, batch_size=bench.scale.batch_size * 2,
+                         include_bias=bench.scale.include_bias)
     result = sweep(bench.teacher, unlabeled, bench.preprocess, config=config, out_dir=bench.out / f"sweep-{bench.name}",
-                   device=bench.device)
+                   identity={"scale": bench.scale.name}, device=bench.device, importance=importance)
     seconds = time.perf_counter() - start
     reference = prepare_reference(bench.teacher, unlabeled, bench.preprocess, None, config.batch_size, bench.device)
+    reference.importance = importance
     max_bytes = int(SIZE_TARGETS[bench.name] * result.reference["fp32_bytes"])
     found = search(result, make_evaluator(reference), max_bytes=max_bytes)
     log.info("%s: sweep %.0f s; plan of %d bytes, measured agreement drop %.2f", bench.name, seconds,
              found.best.bytes, found.best.measured_drop)
-    return found.best.plan().to_data(), seconds
+    rules = found.best.plan().to_data()
+    path.write_text(json.dumps({"rules": rules, "sweep_seconds": seconds, "measured_drop": found.best.measured_drop}))
+    return rules, seconds
 
 
-def _plan_rows(bench: Bench, plan_name: str, rules: list, sweep_seconds: float | None) -> None:
-    quantized = labelless.quantize(bench.teacher, rules)
+def _quantized(bench: Bench, rules: list, importance: dict) -> torch.nn.Module:
+    """The plan applied as `labelless run` applies it: Fisher-weighted k-means, then compensated indices."""
+    model = labelless.quantize(bench.teacher, rules, importance=importance)
+    if bench.scale.compensate:
+            compensate(model, bench.teacher, _calibration(bench), bench.preprocess, n_images=bench.scale.calibration,
+                   device=bench.device)
+    return model
+
+
+def _plan_rows(bench: Bench, plan_name: str, plan: tuple, importance: dict, tunes: list[bool]) -> None:
+    rules, sweep_seconds = plan if plan_name == "searched" else (plan, None)
+    start = time.perf_counter()
+    quantized = _quantized(bench, rules, importance)
+    quantize_seconds = time.perf_counter() - start
     entropy = _entropy()
     saved = labelless.save(quantized, bench.out / f"{bench.name}-{plan_name}.lless", entropy=entropy)
     base = {
@@ -223,13 +299,22 @@ def _plan_rows(bench: Bench, plan_name: str, rules: list, sweep_seconds: float |
         "packed_bytes": saved["packed_total_bytes"], "entropy": entropy, "fp32_bytes": saved["fp32_bytes"],
         "size_reduction": 100 * saved["size_reduction"], "accuracy_original": bench.original,
         "accuracy_quantized": bench.accuracy(quantized), "sweep_seconds": sweep_seconds,
+        "quantizer": "fisher-weighted k-means" + (" + compensation" if bench.scale.compensate else ""), "quantize_seconds": quantize_seconds,
+        "scale": bench.scale.name, "teacher": _teacher_recipe(bench), "test_images": len(bench.test),
         "device": _device_name(bench.device), "date": datetime.date.today().isoformat(),
     }
     if plan_name == "searched":
         base.update(_finetune_speeds(bench, quantized))
-    for tune in (False, True):
+    for tune in tunes:
         if not bench.late():
-            _append(bench.out / "paper.json", dict(base, tune_centroids=tune, **_retrainings(bench, quantized, tune)))
+            seeds = bench.scale.seeds if (plan_name, tune) == ("searched", False) else bench.scale.other_seeds
+            _append(bench.out / "paper.json", dict(base, tune_centroids=tune, **_retrainings(bench, quantized, tune, seeds)))
+
+
+def _teacher_recipe(bench: Bench) -> dict:
+    scale = bench.scale
+    return {"train_images": scale.teacher_limit or 60_000, "epochs": scale.teacher_epochs[bench.name],
+            "small_input_stem": scale.small_input[bench.name], "batch_size": scale.batch_size}
 
 
 def _finetune_speeds(bench: Bench, quantized: torch.nn.Module) -> dict:
@@ -261,7 +346,7 @@ def _finetune_speeds(bench: Bench, quantized: torch.nn.Module) -> dict:
     return speeds
 
 
-def _retrainings(bench: Bench, quantized: torch.nn.Module, tune: bool) -> dict:
+def _retrainings(bench: Bench, quantized: torch.nn.Module, tune: bool, seeds: int) -> dict:
     import copy
 
     scale, runs = bench.scale, {"labelfree_same": [], "labelfree_other": [], "labeled": []}
@@ -269,7 +354,7 @@ def _retrainings(bench: Bench, quantized: torch.nn.Module, tune: bool) -> dict:
     same = bench.open("fashion-mnist", False, scale.retrain_limit).unlabeled()
     other = bench.other_domain()
     labeled = bench.open("fashion-mnist", True, scale.retrain_limit)
-    for seed in range(scale.seeds):
+    for seed in range(seeds):
         config = RetrainConfig(epochs=scale.retrain_epochs, batch_size=scale.batch_size, seed=seed, tune_centroids=tune)
         for kind, go in (("labelfree_same", lambda s: retrain(s, bench.teacher, same, bench.preprocess, config=config, device=bench.device)),
                          ("labelfree_other", lambda s: retrain(s, bench.teacher, other, bench.preprocess, config=config, device=bench.device)),

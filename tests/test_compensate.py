@@ -62,6 +62,18 @@ def test_compensate_moves_only_indices_and_brings_the_outputs_closer(tiny):
     assert _kl(tiny, student, x) < kl_before
 
 
+def test_layers_wider_than_max_columns_keep_nearest_indices(tiny, caplog):
+    images = (torch.rand(64, 1, 8, 8, generator=torch.Generator().manual_seed(0)) * 255).to(torch.uint8)
+    preprocess = labelless.Preprocess(channels=1, size=8, mean=(0.5,), std=(0.25,))
+    student = labelless.quantize(tiny, [{"layers": "*", "weights": 2}])
+    nearest = labelless.quantized_tensors(student)["fc1.weight"].indices.clone()
+    with caplog.at_level("INFO", logger="labelless.compensate"):
+        changed = compensate(student, tiny, Images(images), preprocess, n_images=64, max_columns=100)
+    assert changed == 3  # fc1 reads 128 inputs
+    assert torch.equal(labelless.quantized_tensors(student)["fc1.weight"].indices, nearest)
+    assert "fc1 read more than 100 inputs" in caplog.text
+
+
 def _kl(teacher, student, x):
     with torch.no_grad():
         return F.kl_div(F.log_softmax(student(x), 1), F.log_softmax(teacher(x), 1), log_target=True,

@@ -29,6 +29,10 @@ def test_paper_script_quick_writes_complete_rows_and_a_report(tmp_path):
         assert FIELDS <= set(row)
         assert 0 < row["bytes"] < row["fp32_bytes"] and row["seeds"] == 1
         assert row["size_reduction"] == pytest.approx(100 * (1 - row["bytes"] / row["fp32_bytes"]))
+    assert {r["scale"] for r in rows} == {"quick"} and (tmp_path / "cache").is_dir()
+    subprocess.run([sys.executable, "bench/paper.py", "--quick", "--out", str(tmp_path)], cwd=ROOT, env=env,
+                   check=True, timeout=300, capture_output=True)
+    assert json.loads((tmp_path / "paper.json").read_text()) == rows  # a rerun skips every finished row
     paper_vgg = next(r for r in rows if r["model"] == "vgg16_bn" and r["plan"]["name"] == "paper")
     assert paper_vgg["plan"]["rules"] == [{"layers": "*", "bias": 1}, {"layers": "14-15", "weights": 32}]
     report = tmp_path / "RESULTS.md"

@@ -32,6 +32,7 @@ __all__ = ["compensate", "gptq_indices"]
 log = logging.getLogger(__name__)
 
 BLOCK = 128  # columns per lazy-update block
+MAX_COLUMNS = 8192  # wider layers keep nearest-centroid indices: the Hessian work grows as columns cubed
 
 
 @torch.no_grad()
@@ -45,6 +46,7 @@ def compensate(
     seed: int = 0,
     damp: float = 0.01,
     batch_size: int = 64,
+    max_columns: int = MAX_COLUMNS,
     device: torch.device | None = None,
 ) -> int:
     """Re-choose the indices of ``student``'s quantized Conv/Linear weights in place, against
@@ -60,6 +62,11 @@ def compensate(
     original = dict(teacher.named_modules())
     targets = [(key.rsplit(".", 1)[0], qt) for key, qt in quantized_tensors(student).items()
                if qt.name == "weight" and _supported(qt.module)]
+    wide = [fqn for fqn, qt in targets if _columns(qt.module) > max_columns]
+    if wide:
+        log.info("compensate: %s read more than %d inputs per output and keep nearest-centroid indices",
+                 ", ".join(wide), max_columns)
+    targets = [(fqn, qt) for fqn, qt in targets if fqn not in wide]
     modes = student.training
     student.eval()
     try:
@@ -132,6 +139,11 @@ def _row_codebooks(qt: QuantizedTensor, n_rows: int) -> torch.Tensor:
     if centroids.dim() == 1:
         return centroids.expand(n_rows, -1)
     return centroids[group_of_channel(n_rows, centroids.shape[0])]
+
+
+def _columns(module: nn.Module) -> int:
+    """Inputs each output channel reads: the side of the layer's Hessian."""
+    return module.weight[0].numel()
 
 
 def _supported(module: nn.Module) -> bool:
