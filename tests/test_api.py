@@ -10,7 +10,7 @@ PUBLIC = {
     "available_models", "build_model", "dequantize", "fisher_importance", "inspect", "kmeans1d", "list_layers",
     "load", "load_plan", "load_state_dict_file", "load_weights", "quantize", "quantized_tensors", "read",
     "retrain", "save", "search", "sse", "sweep", "CrossEntropy", "Distillation", "Objective", "Preprocess",
-    "open_images", "Predictions", "predict", "export_onnx",
+    "open_images", "Predictions", "predict", "export_onnx", "RunConfig", "run_pipeline",
 }
 
 

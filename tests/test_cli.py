@@ -96,6 +96,17 @@ def test_quantize_uses_the_normalisation_stored_with_the_teacher(tmp_path, model
     assert load(out).labelless_spec.mean == expected
 
 
+@pytest.mark.parametrize("given, warned", [((), True), (("--mean", "0.5", "--std", "0.2"), False)])
+def test_a_checkpoint_without_normalisation_is_named_unless_mean_and_std_are_given(tmp_path, model, plan_file, caplog,
+                                                                                   given, warned):
+    checkpoint = tmp_path / "teacher.pt"
+    torch.save(model.state_dict(), checkpoint)
+    with caplog.at_level("WARNING", logger="labelless"):
+        assert main(["quantize", *MODEL, *given, "--weights", str(checkpoint), "--plan", str(plan_file),
+                     "-o", str(tmp_path / "m.lless")]) == 0
+    assert ("teacher.pt stores no normalisation" in caplog.text) == warned
+
+
 def test_quantize_with_unlabeled_images_weights_the_kmeans_by_importance(tmp_path, checkpoint, capsys):
     from labelless import load
 
@@ -160,3 +171,20 @@ def test_every_retrain_config_field_is_a_flag_of_retrain():
         flag = "--" + name.replace("_", "-")
         argv += ([flag] if value else ["--no-" + flag[2:]]) if isinstance(value, bool) else [flag, str(value)]
     assert retrain_config(parser.parse_args(argv)) == RetrainConfig(**changed)
+
+
+def test_print_config_is_a_complete_commented_config_that_reads_back(tmp_path, capsys):
+    import yaml
+
+    from labelless.pipeline import RunConfig
+
+    assert main(["run", "--print-config"]) == 0
+    text = capsys.readouterr().out
+    assert RunConfig.from_data(yaml.safe_load(text)) == RunConfig()
+    assert all("  # " in line for line in text.splitlines())  # every field says what it is
+    mine = tmp_path / "mine.yaml"
+    mine.write_text("search: {max_drop: null, smaller_by: 0.93}\n")
+    assert main(["run", str(mine), "--out", str(tmp_path / "o"), "--print-config"]) == 0
+    resolved = RunConfig.from_data(yaml.safe_load(capsys.readouterr().out))
+    assert resolved.search.smaller_by == 0.93 and resolved.out == str(tmp_path / "o")
+    assert not (tmp_path / "o").exists()  # printing runs nothing

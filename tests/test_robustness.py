@@ -28,7 +28,7 @@ import torch
 from PIL import Image
 
 import labelless
-from labelless import ModelError, PlanError
+from labelless import LabellessError, ModelError, PlanError
 from labelless.cli import main
 
 MODEL = ["--model", "squeezenet1_1", "--num-classes", "10", "--in-channels", "1", "--image-size", "24"]
@@ -181,6 +181,8 @@ FILE_CASES = {
                                      ("does not exist", "labelless sweep")),
     "search: not a sweep folder": (["search", "{tmp}", "--max-drop", "1", "-o", "{out}/p.yaml"],
                                    ("config.json", "labelless sweep")),
+    "search: size target not a fraction": (["search", "{tmp}", "--smaller-by", "150%", "-o", "{out}/p.yaml"],
+                                           ("--smaller-by", "fraction in [0, 1)")),
 }
 
 
@@ -520,8 +522,11 @@ RUN_CASES = {
     "bad value: teacher epochs 0": ("teacher: {train: {epochs: 0}}\n", ("run config.teacher.train: train needs",)),
     "bad value: metric": ("search: {metric: acuracy}\n", ("search.metric must be 'agreement'",)),
     "bad value: max_drop": ("search: {max_drop: -1}\n", ("search.max_drop must be >= 0",)),
+    "bad value: smaller_by": ("search: {smaller_by: 1.5}\n", ("smaller_by must be a fraction in [0, 1)",)),
+    "another config version": ("version: 2\n", ("config version 2 is not one this labelless reads (1)",)),
+    "no search budget": ("search: {max_drop: null}\n", ("search needs a budget: max_drop, max_bytes or smaller_by",)),
     "bad value: entropy": ("storage: {entropy: zip}\n", ("storage.entropy must be 'none' or 'ans'",)),
-    "bad value: clusters": ("sweep: {clusters: [0, 4]}\n", ("run config sweep: clusters must be whole numbers >= 1",)),
+    "bad value: clusters": ("sweep: {clusters: [0, 4]}\n", ("run config.sweep: clusters must be whole numbers >= 1",)),
     "bad value: limit": ("sweep: {limit: 0}\n", ("sweep.limit must be a whole number >= 1",)),
     "bad data spec": ("data: {unlabeled: cifar}\n", ("run config data.unlabeled: unknown data spec 'cifar'",)),
     "data folder missing": ("data: {test: 'images:/nonexistent/x'}\n", ("data.test", "does not exist")),
@@ -546,6 +551,19 @@ def test_bad_run_config_fails_at_once_and_writes_nothing(capsys, world, out, tmp
         text += f"out: '{out}/run'\n"
     config.write_text(text)
     fails_cleanly(capsys, ["run", str(config)], out, *words)
+
+
+def test_a_config_built_in_python_is_checked_as_one_read_from_yaml(tmp_path):
+    from labelless.pipeline import RunConfig, run_pipeline
+    from labelless.runconfig import DataSection, SearchSection
+
+    with pytest.raises(LabellessError, match="search.max_drop must be >= 0"):
+        SearchSection(max_drop=-1)
+    with pytest.raises(LabellessError, match="data.test_limit must be a whole number >= 1"):
+        DataSection(test_limit=0)
+    with pytest.raises(LabellessError, match="unknown device 'gpu'"):
+        run_pipeline(RunConfig(device="gpu", out=str(tmp_path / "run")))
+    assert not (tmp_path / "run").exists()  # refused before any work or file
 
 
 def test_argparse_errors_are_usage_plus_one_error_line(capsys):

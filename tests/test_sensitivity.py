@@ -122,6 +122,20 @@ def test_search_by_size_returns_the_most_faithful_plan_that_fits(swept, tiny, di
     assert found.best.measured_drop == min(c.measured_drop for c in fitting)
 
 
+def test_a_size_target_as_a_fraction_of_fp32_bounds_the_file(swept, tiny, digits, preprocess, tmp_path):
+    reference = prepare_reference(tiny, digits, preprocess, None, 64, torch.device("cpu"))
+    fp32 = swept.reference["fp32_bytes"]
+    found = search(swept, make_evaluator(reference), smaller_by=0.8)
+    assert found.best.bytes <= 0.2 * fp32
+    q = labelless.quantize(tiny, found.best.plan())
+    labelless.save(q, tmp_path / "q.lless")
+    assert (tmp_path / "q.lless").stat().st_size <= 0.2 * fp32  # the file on disk, not only the estimate
+    tighter = search(swept, make_evaluator(reference), smaller_by=0.5, max_bytes=int(0.2 * fp32))
+    assert tighter.best.bytes <= 0.2 * fp32  # both given: the tighter one holds
+    with pytest.raises(labelless.LabellessError, match="fraction in"):
+        search(swept, make_evaluator(reference), smaller_by=1.5)
+
+
 def test_granularity_and_importance_are_options_the_search_can_pick(tmp_path, tiny, digits, preprocess):
     from labelless.importance import fisher_importance
 

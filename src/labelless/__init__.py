@@ -23,9 +23,11 @@ from .kmeans import kmeans1d, sse
 from .layers import LayerInfo, list_layers
 from .models import ModelSpec, available_models, build_model, load_state_dict_file, load_weights
 from .objectives import CrossEntropy, Distillation, Objective
+from .pipeline import run_pipeline
 from .plan import LayerSetting, Plan, Rule, TensorChoice, load_plan
 from .quantize import QuantizedTensor, dequantize, quantize, quantized_tensors
 from .retrain import RetrainConfig, RetrainResult, retrain
+from .runconfig import RunConfig
 from .search import search
 from .sensitivity import SweepConfig, sweep
 
@@ -50,6 +52,7 @@ __all__ = [
     "RetrainConfig",
     "RetrainResult",
     "Rule",
+    "RunConfig",
     "SweepConfig",
     "TensorChoice",
     "available_models",
@@ -70,6 +73,7 @@ __all__ = [
     "quantized_tensors",
     "read",
     "retrain",
+    "run_pipeline",
     "save",
     "search",
     "sse",

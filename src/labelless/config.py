@@ -13,9 +13,34 @@ import yaml
 from .errors import LabellessError
 from .io import check_input_file
 
-__all__ = ["from_mapping", "to_mapping", "load_yaml"]
+__all__ = ["from_mapping", "to_mapping", "load_yaml", "option", "commented_yaml"]
 
 T = TypeVar("T")
+
+
+def option(default: Any, help: str, choices: tuple[str, ...] | None = None) -> Any:
+    """A config field with its help text (and choices): the comment of :func:`commented_yaml`
+    and the help of a CLI flag derived from the field."""
+    return dataclasses.field(default=default, metadata={"help": help, "choices": choices})
+
+
+def commented_yaml(config: Any) -> str:
+    """``config`` as YAML, each field with its help as a comment: a starting point for a config
+    file (``labelless run --print-config``); :func:`from_mapping` reads it back unchanged."""
+    return "\n".join(_yaml_lines(config, 0)) + "\n"
+
+
+def _yaml_lines(config: Any, depth: int) -> list[str]:
+    pad, lines = "  " * depth, []
+    for f in dataclasses.fields(config):
+        value, note = getattr(config, f.name), f.metadata.get("help")
+        comment = f"  # {note}" if note else ""
+        if dataclasses.is_dataclass(value):
+            lines += [f"{pad}{f.name}:{comment}", *_yaml_lines(value, depth + 1)]
+        else:
+            text = yaml.safe_dump(to_plain(value), default_flow_style=True, width=10_000).strip()
+            lines.append(f"{pad}{f.name}: {text.removesuffix('...').strip()}{comment}")
+    return lines
 
 
 def from_mapping(cls: type[T], data: Any, where: str = "config") -> T:
@@ -82,17 +107,18 @@ def _scalar(hint: Any, value: Any, where: str) -> Any:
 
 def to_mapping(config: Any) -> dict[str, Any]:
     """A dataclass as plain JSON/YAML data (tuples become lists)."""
+    return to_plain(dataclasses.asdict(config))
 
-    def plain(value: Any) -> Any:
-        if isinstance(value, (list, tuple)):
-            return [plain(v) for v in value]
-        if isinstance(value, dict):
-            return {k: plain(v) for k, v in value.items()}
-        if isinstance(value, Path):
-            return str(value)
-        return value
 
-    return plain(dataclasses.asdict(config))
+def to_plain(value: Any) -> Any:
+    """``value`` with tuples as lists and paths as strings, for JSON and YAML."""
+    if isinstance(value, (list, tuple)):
+        return [to_plain(v) for v in value]
+    if isinstance(value, dict):
+        return {k: to_plain(v) for k, v in value.items()}
+    if isinstance(value, Path):
+        return str(value)
+    return value
 
 
 def load_yaml(path: str | Path) -> Any:

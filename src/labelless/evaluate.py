@@ -16,6 +16,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import Dataset
 
+from .errors import LabellessError
 from .progress import progress
 
 log = logging.getLogger(__name__)
@@ -28,6 +29,21 @@ def resolve_device(device: str | torch.device | None = "auto") -> torch.device:
     if device in (None, "auto"):
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     return torch.device(device)
+
+
+def check_device(name: str | None) -> None:
+    """A clear error for a device torch does not know, or one this machine does not have."""
+    if name in (None, "auto"):
+        return
+    try:
+        device = torch.device(name)
+    except (RuntimeError, ValueError, TypeError):
+        raise LabellessError(f"unknown device {name!r}: use auto, cpu, cuda or cuda:N") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise LabellessError(f"device {name!r}: this machine has no usable CUDA GPU; use --device cpu (or auto)")
+    if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
+        raise LabellessError(f"device {name!r}: this machine has {torch.cuda.device_count()} GPU(s), "
+                             f"numbered from 0; choose one of them")
 
 
 def autocast(device: torch.device, enabled: bool = True):

@@ -23,8 +23,7 @@ from torch import nn
 from . import distributed
 from .bncorrect import correct_batchnorm
 from .compensate import compensate
-from .config import from_mapping, to_mapping
-from .errors import LabellessError
+from .config import to_mapping
 from .evaluate import accuracy, agreement, predict, resolve_device
 from .fileformat import save
 from .importance import fisher_importance
@@ -32,104 +31,15 @@ from .io import atomic_write_json, atomic_write_text
 from .models import ModelSpec, build_model, load_weights, save_checkpoint, state_digest
 from .plan import load_plan
 from .quantize import quantize
-from .retrain import CrossEntropy, RetrainConfig, retrain
+from .retrain import CrossEntropy, retrain
+from .runconfig import ModelSection, RunConfig
 from .search import make_evaluator, search
-from .sensitivity import SweepConfig, prepare_reference, sweep
-from .train import TrainConfig, train_classifier
+from .sensitivity import prepare_reference, sweep
+from .train import train_classifier
 
 __all__ = ["RunConfig", "run_pipeline"]
 
 log = logging.getLogger(__name__)
-
-
-@dataclass(frozen=True)
-class ModelSection:
-    name: str = "resnet18"  # torchvision classifier
-    num_classes: int = 10
-    in_channels: int = 1
-    small_input: bool = False
-    image_size: int = 28
-    weights: str | None = None  # the original model; None trains one (teacher section)
-    mean: tuple[float, ...] = ()  # normalisation it was trained with (empty: from its data)
-    std: tuple[float, ...] = ()
-
-
-@dataclass(frozen=True)
-class TeacherSection:
-    data: str = "fashion-mnist"  # labelled training data, train split
-    limit: int | None = 24000  # the demo trains on part of it to stay within minutes on a CPU
-    train: TrainConfig = TrainConfig(epochs=1)
-
-
-@dataclass(frozen=True)
-class DataSection:
-    unlabeled: str = "mnist"  # the label-free retraining set (train split)
-    unlabeled_limit: int | None = 2000
-    test: str = "fashion-mnist"  # labelled evaluation set (test split)
-    test_limit: int | None = 2000
-    baseline: str = "fashion-mnist"  # labelled retraining set of the baseline (train split)
-    baseline_limit: int | None = 2000
-
-
-@dataclass(frozen=True)
-class SweepSection:
-    clusters: tuple[int, ...] = (1, 2, 4, 8, 16, 32)
-    limit: int = 256  # unlabelled images the sweep and search measure on
-    batch_size: int = 256
-    include_bias: bool = True
-    importance: bool = True  # weight the k-means by Fisher importance on the unlabelled images
-    importance_images: int = 512  # images the importance is averaged over
-    granularities: tuple[str, ...] = ("per_tensor",)  # codebook granularities the sweep tries
-
-
-@dataclass(frozen=True)
-class QuantizeSection:
-    """How the searched plan is applied, on the unlabelled images (no label read)."""
-
-    compensate: bool = True  # GPTQ-style indices: each layer's output moves least (same codebooks, same bytes)
-    correct_bn: bool = False  # BatchNorm statistics moved by the quantization's shift: for same-domain images only
-    images: int = 512  # unlabelled images both measure on
-
-    def __post_init__(self) -> None:
-        if isinstance(self.images, bool) or not isinstance(self.images, int) or self.images < 1:
-            raise LabellessError(f"quantize.images must be a whole number >= 1, got {self.images!r}")
-
-
-@dataclass(frozen=True)
-class SearchSection:
-    max_drop: float = 1.0  # points of top-1 agreement (or accuracy) the plan may cost
-    metric: str = "agreement"
-    plan: str | None = None  # a fixed plan file instead of sweep + search
-
-
-@dataclass(frozen=True)
-class StorageSection:
-    entropy: str = "ans"
-    fp16_codebooks: bool = False
-    fp16_dense: bool = False
-
-
-@dataclass(frozen=True)
-class RunConfig:
-    """Everything ``labelless run`` does; the YAML config mirrors these sections."""
-
-    model: ModelSection = ModelSection()
-    teacher: TeacherSection = TeacherSection()
-    data: DataSection = DataSection()
-    sweep: SweepSection = SweepSection()
-    search: SearchSection = SearchSection()
-    quantize: QuantizeSection = QuantizeSection()
-    retrain: RetrainConfig = RetrainConfig(epochs=2)
-    baseline: bool = True  # also run conventional labelled retraining, for comparison
-    storage: StorageSection = StorageSection()
-    device: str = "auto"
-    seed: int = 0
-    out: str = "runs/default"
-
-    @classmethod
-    def from_data(cls, data: Any) -> "RunConfig":
-        return from_mapping(cls, data, "run config")
-
 
 @dataclass
 class _Run:
@@ -153,6 +63,7 @@ def run_pipeline(config: RunConfig) -> dict[str, Any]:
     """
     from .data import Preprocess
 
+    config.check()  # what it names exists, before any work: a typo fails in a second, not an hour in
     out = Path(config.out)
     if distributed.is_main():  # under torchrun, rank 0 alone writes files
         out.mkdir(parents=True, exist_ok=True)
@@ -275,8 +186,7 @@ def _plan(run: _Run, preprocess, importance):
         return load_plan(section.plan)
     cfg, data = run.config.sweep, run.config.data
     unlabeled = _open(data.unlabeled, "train", False, run.spec, cfg.limit, run.config.seed)
-    sweep_config = SweepConfig(clusters=cfg.clusters, include_bias=cfg.include_bias, batch_size=cfg.batch_size,
-                               granularities=cfg.granularities)
+    sweep_config = cfg.config()
     identity = {"spec": run.spec.to_dict(), "data": data.unlabeled, "limit": cfg.limit, "seed": run.config.seed,
                 "teacher": state_digest(run.teacher)[:16],
                 "importance": cfg.importance_images if importance is not None else None}
@@ -290,11 +200,13 @@ def _search(run: _Run, result, unlabeled, preprocess, importance):
     section, cfg = run.config.search, run.config.sweep
     reference = prepare_reference(run.teacher, unlabeled, preprocess, None, cfg.batch_size, run.device)
     reference.importance = importance
-    found = search(result, make_evaluator(reference, section.metric), max_drop=section.max_drop, metric=section.metric)
+    found = search(result, make_evaluator(reference, section.metric), max_drop=section.max_drop, metric=section.metric,
+                   max_bytes=section.max_bytes, smaller_by=section.smaller_by)
     plan = found.best.plan()
     plan.save(run.out / "plan.yaml", header=_plan_header(found))
     atomic_write_json(run.out / "search.json", found.to_dict())
-    run.report["search"] = {"max_drop": section.max_drop, "metric": section.metric,
+    run.report["search"] = {"max_drop": section.max_drop, "max_bytes": section.max_bytes,
+                            "smaller_by": section.smaller_by, "metric": section.metric,
                             "measured_drop": found.best.measured_drop, "predicted_drop": found.best.predicted_drop,
                             "alternatives": len(found.alternatives)}
     return plan

@@ -52,6 +52,7 @@ import torch
 from torch import nn
 
 from . import distributed
+from .config import option
 from .errors import LabellessError
 from .evaluate import autocast
 from .io import atomic_path
@@ -68,37 +69,32 @@ log = logging.getLogger(__name__)
 NOTHING_TO_RETRAIN = "every parameter is quantized, so nothing is left to retrain"
 
 
-def _option(default: Any, help: str, choices: tuple[str, ...] | None = None) -> Any:
-    """A config field with the help text (and choices) of its CLI flag."""
-    return field(default=default, metadata={"help": help, "choices": choices})
-
-
 @dataclass(frozen=True)
 class RetrainConfig:
     """How to retrain; every field is a flag of ``labelless retrain`` (``--<field-name>``) and a
     key of ``run``'s ``retrain:`` section, with the help text below."""
 
-    epochs: int = _option(5, "passes over the retraining images")
-    lr: float = _option(1e-3, "Adam learning rate of the non-quantized parameters")
-    weight_decay: float = _option(0.0, "Adam weight decay")
-    batch_size: int = _option(128, "images per step (per process under torchrun)")
-    loss: str = _option("kl", "label-free loss on the logits: kl (temperature-softened softmax) or mse",
+    epochs: int = option(5, "passes over the retraining images")
+    lr: float = option(1e-3, "Adam learning rate of the non-quantized parameters")
+    weight_decay: float = option(0.0, "Adam weight decay")
+    batch_size: int = option(128, "images per step (per process under torchrun)")
+    loss: str = option("kl", "label-free loss on the logits: kl (temperature-softened softmax) or mse",
                         ("kl", "mse"))
-    temperature: float = _option(1.0, "softmax temperature of the kl loss")
-    bn: str = _option("frozen", "BatchNorm statistics: keep the original's (safe across domains) or re-estimate",
+    temperature: float = option(1.0, "softmax temperature of the kl loss")
+    bn: str = option("frozen", "BatchNorm statistics: keep the original's (safe across domains) or re-estimate",
                       ("frozen", "update"))
-    balance: bool = _option(True, "label-free: resample so that the teacher's predicted classes are balanced")
-    cutmix: float = _option(0.5, "label-free: probability that a batch is CutMix-ed (0: off)")
-    holdout: float = _option(0.1, "fraction of the images held out to pick the best epoch")
-    tune_centroids: bool = _option(False, "also learn the codebook values (indices stay; the size too)")
-    centroid_lr: float = _option(1e-4, "learning rate of the codebook values, with --tune-centroids")
-    refine_steps: int = _option(0, "label-free: first pull the images toward the teacher's BatchNorm statistics "
+    balance: bool = option(True, "label-free: resample so that the teacher's predicted classes are balanced")
+    cutmix: float = option(0.5, "label-free: probability that a batch is CutMix-ed (0: off)")
+    holdout: float = option(0.1, "fraction of the images held out to pick the best epoch")
+    tune_centroids: bool = option(False, "also learn the codebook values (indices stay; the size too)")
+    centroid_lr: float = option(1e-4, "learning rate of the codebook values, with --tune-centroids")
+    refine_steps: int = option(0, "label-free: first pull the images toward the teacher's BatchNorm statistics "
                                    "for this many Adam steps (for images of another domain; 50 is a good start)")
-    features: float = _option(0.0, "label-free: also match every layer's output to the teacher's, with this "
+    features: float = option(0.0, "label-free: also match every layer's output to the teacher's, with this "
                                    "weight next to the logit loss (0: logits only)")
-    seed: int = _option(0, "seed of the data order, the held-out split and CutMix")
-    amp: bool = _option(True, "bf16 autocast on CUDA")
-    channels_last: bool = _option(True, "channels-last memory format on CUDA")
+    seed: int = option(0, "seed of the data order, the held-out split and CutMix")
+    amp: bool = option(True, "bf16 autocast on CUDA")
+    channels_last: bool = option(True, "channels-last memory format on CUDA")
 
     def __post_init__(self) -> None:
         checks = [

@@ -26,7 +26,7 @@ from .errors import LabellessError
 from .plan import Plan, TensorChoice
 from .sensitivity import Reference, SweepResult, SweepRow, scores_of, variant
 
-__all__ = ["Candidate", "SearchResult", "search", "ladder", "make_evaluator"]
+__all__ = ["Candidate", "SearchResult", "search", "ladder", "make_evaluator", "size_budget"]
 
 log = logging.getLogger(__name__)
 
@@ -78,9 +78,13 @@ def search(
     max_drop: float | None = None,
     max_bytes: int | None = None,
     metric: str = "agreement",
+    smaller_by: float | None = None,
 ) -> SearchResult:
     """The smallest plan whose *measured* drop is at most ``max_drop`` points, or, given
-    ``max_bytes`` alone, the plan with the smallest measured drop that fits in that size.
+    a size budget alone, the plan with the smallest measured drop that fits in that size.
+
+    The size budget is ``max_bytes`` and/or ``smaller_by``, a fraction of the fp32 size the
+    file must save (0.93: at most 7% of it); given both, the tighter one holds.
 
     ``evaluate(choice) -> (file bytes, measured drop in points, figures)`` quantizes the
     model by a choice and measures it (see :func:`make_evaluator`).
@@ -89,6 +93,7 @@ def search(
         >>> found = search(sweep_result, make_evaluator(reference), max_drop=0.5)
         >>> found.best.plan().save("plan.yaml")
     """
+    max_bytes = _size_budget(result, max_bytes, smaller_by)
     _check_budget(max_drop, max_bytes)
     rungs = [r for r in ladder(result, metric) if max_bytes is None or r.predicted_bytes <= max_bytes]
     measured: dict[int, Candidate] = {}
@@ -117,9 +122,23 @@ def search(
     return SearchResult(chosen, sorted(measured.values(), key=lambda c: c.bytes), max_drop, metric)
 
 
+def size_budget(fp32_bytes: int, smaller_by: float) -> int:
+    """The largest file, in bytes, that is ``smaller_by`` (a fraction in [0, 1)) smaller than fp32."""
+    if isinstance(smaller_by, bool) or not isinstance(smaller_by, (int, float)) or not 0 <= smaller_by < 1:
+        raise LabellessError(f"smaller_by must be a fraction in [0, 1) such as 0.93 (93% smaller), got {smaller_by!r}")
+    return int((1 - smaller_by) * fp32_bytes)
+
+
+def _size_budget(result: SweepResult, max_bytes: int | None, smaller_by: float | None) -> int | None:
+    if smaller_by is None:
+        return max_bytes
+    budget = size_budget(result.reference["fp32_bytes"], smaller_by)
+    return budget if max_bytes is None else min(budget, max_bytes)
+
+
 def _check_budget(max_drop: float | None, max_bytes: int | None) -> None:
     if max_drop is None and max_bytes is None:
-        raise LabellessError("give a budget: --max-drop (points) and/or --max-bytes")
+        raise LabellessError("give a budget: --max-drop (points) and/or --max-bytes or --smaller-by")
     if max_drop is not None and max_drop < 0:
         raise LabellessError(f"--max-drop must be >= 0 points, got {max_drop}")
     if max_bytes is not None and max_bytes < 1:

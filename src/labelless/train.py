@@ -15,6 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .config import option
 from .errors import LabellessError
 from .evaluate import autocast
 from .progress import progress
@@ -26,13 +27,13 @@ log = logging.getLogger(__name__)
 
 @dataclass(frozen=True)
 class TrainConfig:
-    epochs: int = 2
-    lr: float = 2e-3  # peak of a one-cycle schedule (AdamW)
-    weight_decay: float = 5e-4
-    batch_size: int = 128
-    augment: bool = True  # random 4-px shifts (pad and crop)
-    seed: int = 0
-    amp: bool = True
+    epochs: int = option(2, 'passes over the training images')
+    lr: float = option(2e-3, 'peak of a one-cycle schedule (AdamW)')
+    weight_decay: float = option(5e-4, 'AdamW weight decay')
+    batch_size: int = option(128, 'images per batch')
+    augment: bool = option(True, 'random 4-px shifts (pad and crop)')
+    seed: int = option(0, 'seed of initialisation and shuffling')
+    amp: bool = option(True, 'bf16 mixed precision on CUDA (no-op on CPU)')
 
     def __post_init__(self) -> None:
         if self.epochs < 1 or self.batch_size < 1 or self.lr <= 0:

@@ -9,7 +9,6 @@ import sys
 from pathlib import Path
 from typing import Any
 
-import torch
 from torch import nn
 
 from ..errors import LabellessError
@@ -45,6 +44,17 @@ def _floats(text: str) -> tuple[float, ...]:
         raise argparse.ArgumentTypeError(f"expected comma-separated numbers, got {text!r}") from None
 
 
+def fraction(text: str, flag: str) -> float:
+    """A share such as ``0.93`` or ``93%``; a one-line error naming ``flag`` otherwise."""
+    try:
+        value = float(text[:-1]) / 100 if text.endswith("%") else float(text)
+    except ValueError:
+        value = float("nan")
+    if not 0 <= value < 1:
+        raise LabellessError(f"{flag} must be a fraction in [0, 1) such as 0.93 or 93% (93% smaller), got {text!r}")
+    return value
+
+
 def ints(text: str) -> tuple[int, ...]:
     try:
         return tuple(int(v) for v in text.split(",") if v.strip())
@@ -77,6 +87,10 @@ def _normalisation(args: argparse.Namespace) -> tuple[tuple[float, ...], tuple[f
     weights = getattr(args, "weights", None)
     stored = stored_normalisation(weights) if weights else None
     if stored is None:
+        if weights and not args.mean and not args.std:
+            log.warning("%s stores no normalisation and no --mean/--std was given: images are normalised with "
+                        "ImageNet's mean and std; give --mean/--std as in training (a checkpoint `labelless train` "
+                        "writes as .safetensors stores them)", weights)
         return args.mean, args.std
     if not args.mean and not args.std:
         log.info("normalisation stored in %s: mean %s, std %s", weights, list(stored[0]), list(stored[1]))
@@ -85,21 +99,6 @@ def _normalisation(args: argparse.Namespace) -> tuple[tuple[float, ...], tuple[f
         log.warning("--mean/--std differ from the normalisation stored in %s (mean %s, std %s): using yours",
                     weights, list(stored[0]), list(stored[1]))
     return args.mean, args.std
-
-
-def check_device(name: str | None) -> None:
-    """A clear error for a device torch does not know, or one this machine does not have."""
-    if name in (None, "auto"):
-        return
-    try:
-        device = torch.device(name)
-    except (RuntimeError, ValueError, TypeError):
-        raise LabellessError(f"unknown device {name!r}: use auto, cpu, cuda or cuda:N") from None
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise LabellessError(f"device {name!r}: this machine has no usable CUDA GPU; use --device cpu (or auto)")
-    if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
-        raise LabellessError(f"device {name!r}: this machine has {torch.cuda.device_count()} GPU(s), "
-                             f"numbered from 0; choose one of them")
 
 
 def model_from_args(args: argparse.Namespace) -> nn.Module:

@@ -9,13 +9,13 @@ from typing import Any
 
 from ..data import Preprocess
 from ..errors import LabellessError
-from ..evaluate import resolve_device
+from ..evaluate import check_device, resolve_device
 from ..importance import load_importance
 from ..io import atomic_write_json, check_output_dir
 from ..report import format_table
 from ..search import make_evaluator, search
 from ..sensitivity import SweepResult, prepare_reference
-from .common import check_device, model_from_args
+from .common import fraction, model_from_args
 from .sweep import IMPORTANCE_FILE, open_data
 
 
@@ -25,6 +25,8 @@ def add_parser(subparsers) -> None:
     parser.add_argument("--max-drop", type=float, default=None, help="budget in points of agreement (or accuracy)")
     parser.add_argument("--max-bytes", type=int, default=None,
                         help="size budget in bytes; alone, the search returns the most faithful plan that fits")
+    parser.add_argument("--smaller-by", default=None, metavar="FRACTION",
+                        help="size budget as the share of the fp32 size to save: 0.93 or 93%% (at most 7%% of it)")
     parser.add_argument("--metric", choices=["agreement", "accuracy"], default="agreement")
     parser.add_argument("--device", default="auto")
     parser.add_argument("-o", "--output", required=True, help="the plan file to write (.yaml or .json)")
@@ -34,6 +36,7 @@ def add_parser(subparsers) -> None:
 def run(args: argparse.Namespace) -> int:
     check_output_dir(args.output)
     check_device(args.device)
+    args.smaller_by = fraction(args.smaller_by, "--smaller-by") if args.smaller_by is not None else None
     folder = Path(args.sweep_dir)
     sweep_args = _sweep_args(folder)
     _read_json(folder / "sweep.json", "no finished sweep")  # a clear error for a cut or edited file
@@ -47,10 +50,10 @@ def run(args: argparse.Namespace) -> int:
     reference = prepare_reference(model.to(device), unlabeled, Preprocess.for_spec(spec), labeled, sweep_args.batch_size, device)
     reference.importance = load_importance(folder / IMPORTANCE_FILE)  # what the sweep clustered with
     found = search(result, make_evaluator(reference, args.metric), max_drop=args.max_drop, max_bytes=args.max_bytes,
-                   metric=args.metric)
+                   metric=args.metric, smaller_by=args.smaller_by)
     best = found.best
     found.best.plan().save(args.output, header=f"labelless search: {best.bytes} bytes, measured {args.metric} drop "
-                           f"{best.measured_drop:.2f} points (budget {args.max_drop} points, {args.max_bytes} bytes), "
+                           f"{best.measured_drop:.2f} points (budget {args.max_drop} points, {_size_text(args)}), "
                            f"predicted {best.predicted_drop:.2f}")
     atomic_write_json(Path(args.output).with_suffix(".search.json"), found.to_dict())
     rows = [(c.bytes, f"{100 * (1 - c.bytes / result.reference['fp32_bytes']):.2f}%", c.predicted_drop, c.measured_drop,
@@ -58,6 +61,12 @@ def run(args: argparse.Namespace) -> int:
     print(format_table(rows, ["bytes", "smaller by", "predicted drop", "measured drop", ""]))
     print(f"plan -> {args.output}")
     return 0
+
+
+def _size_text(args: argparse.Namespace) -> str:
+    parts = [f"{args.max_bytes} bytes" if args.max_bytes is not None else "",
+             f"{100 * args.smaller_by:g}% smaller" if args.smaller_by is not None else ""]
+    return ", ".join(p for p in parts if p) or "no size budget"
 
 
 _SWEEP_ARGS = ("model", "num_classes", "in_channels", "small_input", "image_size", "weights", "unlabeled", "labeled",

@@ -6,11 +6,11 @@ import argparse
 import logging
 
 from ..data import Preprocess, open_images
-from ..evaluate import accuracy, predict, resolve_device
+from ..evaluate import accuracy, check_device, predict, resolve_device
 from ..io import check_output_dir
 from ..models import save_checkpoint
 from ..train import TrainConfig, train_classifier
-from .common import add_device_args, add_model_args, check_device, model_spec, write_config
+from .common import add_device_args, add_model_args, model_spec, write_config
 
 log = logging.getLogger(__name__)
 

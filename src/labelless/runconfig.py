@@ -1,0 +1,219 @@
+"""The configuration of ``labelless run``: frozen sections, each validating its own values.
+
+``RunConfig`` is what a YAML config maps onto (:func:`labelless.config.from_mapping`); every
+field carries its help text (``labelless run --print-config`` prints them as comments). A
+config is checked in two steps: its values when it is built (``__post_init__``, so a config
+made in Python is checked as one read from YAML), and what it names on this machine (files,
+datasets, device, output folder) by :meth:`RunConfig.check`, before any work.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from .config import from_mapping, option
+from .data import check_spec
+from .errors import LabellessError
+from .evaluate import check_device
+from .io import check_input_file, is_writable_folder
+from .layers import list_layers
+from .models import ModelSpec, build_model, check_input_size
+from .plan import load_plan
+from .retrain import RetrainConfig
+from .search import size_budget
+from .sensitivity import SweepConfig
+from .train import TrainConfig
+
+__all__ = ["RunConfig", "ModelSection", "TeacherSection", "DataSection", "SweepSection", "QuantizeSection",
+           "SearchSection", "StorageSection", "CONFIG_VERSION"]
+
+
+def _limit(name: str, value: int | None) -> None:
+    if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+        raise LabellessError(f"{name} must be a whole number >= 1 (or null for all images), got {value!r}")
+
+
+def _at_least_one(name: str, value: int) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise LabellessError(f"{name} must be a whole number >= 1, got {value!r}")
+
+
+CONFIG_VERSION = 1  # of RunConfig's layout; a config of another version is refused, clearly
+
+
+@dataclass(frozen=True)
+class ModelSection:
+    name: str = option("resnet18", 'torchvision classifier')
+    num_classes: int = option(10, 'classes the classifier predicts')
+    in_channels: int = option(1, 'input channels: 1 for grayscale, 3 for RGB')
+    small_input: bool = option(False, 'stem for 28-32 px images (no early downsampling)')
+    image_size: int = option(28, 'input height = width, in pixels')
+    weights: str | None = option(None, 'checkpoint of the original model; null trains one (teacher section)')
+    mean: tuple[float, ...] = option((), 'per-channel normalisation mean it was trained with (empty: stored in the weights, else ImageNet)')
+    std: tuple[float, ...] = option((), 'per-channel standard deviation of that normalisation')
+
+
+@dataclass(frozen=True)
+class TeacherSection:
+    data: str = option("fashion-mnist", 'labelled training data, train split')
+    limit: int | None = option(24000, 'the demo trains on part of it to stay within minutes on a CPU')
+    train: TrainConfig = option(TrainConfig(epochs=1), 'how the teacher is trained (when model.weights is null)')
+
+    def __post_init__(self) -> None:
+        _limit("teacher.limit", self.limit)
+
+
+@dataclass(frozen=True)
+class DataSection:
+    unlabeled: str = option("mnist", 'the label-free retraining set (train split)')
+    unlabeled_limit: int | None = option(2000, 'images of it used (null: all)')
+    test: str = option("fashion-mnist", 'labelled evaluation set (test split)')
+    test_limit: int | None = option(2000, 'test images scored (null: all)')
+    baseline: str = option("fashion-mnist", 'labelled retraining set of the baseline (train split)')
+    baseline_limit: int | None = option(2000, 'images of it used (null: all)')
+
+    def __post_init__(self) -> None:
+        for name in ("unlabeled_limit", "test_limit", "baseline_limit"):
+            _limit(f"data.{name}", getattr(self, name))
+
+
+@dataclass(frozen=True)
+class SweepSection:
+    clusters: tuple[int, ...] = option((1, 2, 4, 8, 16, 32), 'values of k tried for every tensor')
+    limit: int = option(256, 'unlabelled images the sweep and search measure on')
+    batch_size: int = option(256, 'images per batch of the sweep')
+    include_bias: bool = option(True, "also sweep each layer's bias as a tensor of its own")
+    importance: bool = option(True, 'weight the k-means by Fisher importance on the unlabelled images')
+    importance_images: int = option(512, 'images the importance is averaged over')
+    granularities: tuple[str, ...] = option(("per_tensor",), 'codebook granularities the sweep tries')
+
+    def __post_init__(self) -> None:
+        self.config()  # clusters, batch size and granularities, checked where the sweep checks them
+        _at_least_one("sweep.limit", self.limit)
+        _at_least_one("sweep.importance_images", self.importance_images)
+
+    def config(self) -> SweepConfig:
+        """The :class:`SweepConfig` this section describes."""
+        return SweepConfig(clusters=self.clusters, include_bias=self.include_bias, batch_size=self.batch_size,
+                           granularities=self.granularities)
+
+
+@dataclass(frozen=True)
+class QuantizeSection:
+    """How the searched plan is applied, on the unlabelled images (no label read)."""
+
+    compensate: bool = option(True, "GPTQ-style indices: each layer's output moves least (same codebooks, same bytes)")
+    correct_bn: bool = option(False, "BatchNorm statistics moved by the quantization's shift: for same-domain images only")
+    images: int = option(512, 'unlabelled images both measure on')
+
+    def __post_init__(self) -> None:
+        _at_least_one("quantize.images", self.images)
+
+
+@dataclass(frozen=True)
+class SearchSection:
+    max_drop: float | None = option(1.0, 'points of top-1 agreement (or accuracy) the plan may cost')
+    metric: str = option("agreement", 'what the drop is measured in: agreement with the teacher (no label)')
+    plan: str | None = option(None, 'a fixed plan file instead of sweep + search')
+    max_bytes: int | None = option(None, 'size budget of the file')
+    smaller_by: float | None = option(None, 'size budget as the share of the fp32 size saved (0.93: 93% smaller)')
+
+    def __post_init__(self) -> None:
+        if self.plan is None and self.max_drop is None and self.max_bytes is None and self.smaller_by is None:
+            raise LabellessError("search needs a budget: max_drop, max_bytes or smaller_by (or a fixed plan)")
+        if self.smaller_by is not None:
+            size_budget(1, self.smaller_by)  # one-line error when it is not a fraction in [0, 1)
+        if self.metric != "agreement":
+            raise LabellessError(f"search.metric must be 'agreement' (labelless run sweeps without labels), "
+                                 f"got {self.metric!r}")
+        if self.max_bytes is not None:
+            _at_least_one("search.max_bytes", self.max_bytes)
+        if self.max_drop is not None and self.max_drop < 0:
+            raise LabellessError(f"search.max_drop must be >= 0 points, got {self.max_drop}")
+
+
+@dataclass(frozen=True)
+class StorageSection:
+    entropy: str = option("ans", 'index coding in the file: ans (entropy-coded) or none (bit-packed)')
+    fp16_codebooks: bool = option(False, "store codebooks in float16 (half their bytes)")
+    fp16_dense: bool = option(False, "store the tensors left unquantized in float16")
+
+    def __post_init__(self) -> None:
+        if self.entropy not in ("none", "ans"):
+            raise LabellessError(f"storage.entropy must be 'none' or 'ans', got {self.entropy!r}")
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    """Everything ``labelless run`` does; the YAML config mirrors these sections."""
+
+    version: int = option(CONFIG_VERSION, "format of this config (labelless reads this version)")
+    model: ModelSection = option(ModelSection(), 'the network to compress')
+    teacher: TeacherSection = option(TeacherSection(), 'how the original model is trained when no weights are given')
+    data: DataSection = option(DataSection(), 'where the images come from (dataset specs, see README)')
+    sweep: SweepSection = option(SweepSection(), 'the per-layer sensitivity sweep')
+    search: SearchSection = option(SearchSection(), 'the plan search and its budget')
+    quantize: QuantizeSection = option(QuantizeSection(), 'how the plan is applied')
+    retrain: RetrainConfig = option(RetrainConfig(epochs=2), "label-free retraining (the same fields as labelless retrain's flags)")
+    baseline: bool = option(True, 'also run conventional labelled retraining, for comparison')
+    storage: StorageSection = option(StorageSection(), 'how the .lless file is stored')
+    device: str = option("auto", 'auto, cpu, cuda, cuda:1 ...')
+    seed: int = option(0, 'seed of subsets and shuffling')
+    out: str = option("runs/default", 'output folder')
+
+    def __post_init__(self) -> None:
+        if self.version != CONFIG_VERSION:
+            raise LabellessError(f"config version {self.version} is not one this labelless reads ({CONFIG_VERSION}): "
+                                 f"start from `labelless run --print-config`")
+
+    @classmethod
+    def from_data(cls, data: Any) -> "RunConfig":
+        return from_mapping(cls, data, "run config")
+
+    def check(self) -> None:
+        """What the config names, on this machine, before any work: the model builds at its
+        input size, the weights and datasets exist, the plan fits the model, the device is
+        there and the output folder can be written. Raises :class:`LabellessError` naming the
+        field and what to write instead."""
+        spec = _check_model(self.model)
+        _check_data(self)
+        if self.search.plan:
+            plan = load_plan(self.search.plan)
+            plan.resolve(list_layers(build_model(spec, device="meta")))  # selectors out of range fail here
+        check_device(self.device)
+        _check_out(Path(self.out))
+
+
+def _check_model(section: ModelSection) -> ModelSpec:
+    spec = ModelSpec(section.name, num_classes=section.num_classes, in_channels=section.in_channels,
+                     small_input=section.small_input, image_size=section.image_size, mean=section.mean,
+                     std=section.std)
+    check_input_size(spec)
+    if section.weights:
+        check_input_file(section.weights, "model.weights file")
+    return spec
+
+
+def _check_data(config: RunConfig) -> None:
+    data = config.data
+    specs = {"data.unlabeled": data.unlabeled, "data.test": data.test}
+    if config.baseline:
+        specs["data.baseline"] = data.baseline
+    if not config.model.weights:
+        specs["teacher.data"] = config.teacher.data
+    for field, spec in specs.items():
+        try:
+            check_spec(spec)
+        except LabellessError as exc:
+            raise LabellessError(f"run config {field}: {exc}") from None
+
+
+def _check_out(out: Path) -> None:
+    if out.exists() and not out.is_dir():
+        raise LabellessError(f"run config out {str(out)!r} is a file: give a folder (it is created if missing)")
+    existing = next(p for p in [out, *out.resolve().parents] if p.exists())
+    if not existing.is_dir() or not is_writable_folder(existing):
+        raise LabellessError(f"cannot create or write the output folder {str(out)!r} ({existing} is not writable): "
+                             f"choose another out")
