@@ -70,6 +70,13 @@ def inspect_table(report: dict[str, Any]) -> str:
 # -- sweep plots ---------------------------------------------------------------------------
 
 
+def _budget(search: dict) -> str:
+    parts = [f"{search['max_drop']} points of {search['metric']}" if search.get("max_drop") is not None else "",
+             f"{search['max_bytes']:,} bytes" if search.get("max_bytes") is not None else "",
+             f"{100 * search['smaller_by']:g}% smaller than fp32" if search.get("smaller_by") is not None else ""]
+    return ", ".join(p for p in parts if p)
+
+
 def _pyplot():
     import matplotlib
 
@@ -81,14 +88,35 @@ def _pyplot():
 
 def plot_sweep(result: Any, folder: Any) -> None:
     """``heatmap.png`` (layers x k, drop in agreement) and ``pareto.png`` (size vs drop)."""
-    from .io import atomic_path
-
     plt = _pyplot()
     for name, draw in (("heatmap.png", _heatmap), ("pareto.png", _pareto)):
-        figure = draw(plt, result)
-        with atomic_path(folder / name) as tmp:
-            figure.savefig(tmp, format="png", dpi=110, bbox_inches="tight")
-        plt.close(figure)
+        _save(plt, draw(plt, result), folder / name)
+
+
+def plot_search(found: Any, fp32_bytes: int, path: Any) -> None:
+    """Every plan the search measured, file size against measured drop, the chosen one marked."""
+    plt = _pyplot()
+    figure, ax = plt.subplots(figsize=(6, 4.2))
+    plans, best = found.alternatives, found.best
+    ax.plot([c.bytes / fp32_bytes for c in plans], [c.measured_drop for c in plans], "o-", ms=4, label="measured plans")
+    ax.scatter([best.bytes / fp32_bytes], [best.measured_drop], s=140, facecolors="none", edgecolors="crimson",
+               linewidths=2, zorder=3, label=f"chosen: {100 * (1 - best.bytes / fp32_bytes):.1f}% smaller")
+    if found.max_drop is not None:
+        ax.axhline(found.max_drop, ls="--", color="gray", label=f"budget {found.max_drop} points")
+    ax.set_xlabel("file size / fp32 size")
+    ax.set_ylabel(f"measured drop in {found.metric} (points)")
+    ax.set_yscale("symlog", linthresh=0.1)
+    ax.legend(fontsize=8)
+    ax.grid(alpha=0.3)
+    _save(plt, figure, path)
+
+
+def _save(plt, figure, path: Any) -> None:
+    from .io import atomic_path
+
+    with atomic_path(path) as tmp:
+        figure.savefig(tmp, format="png", dpi=110, bbox_inches="tight")
+    plt.close(figure)
 
 
 def _heatmap(plt, result):
@@ -108,7 +136,7 @@ def _heatmap(plt, result):
         ax.set_yticks(range(len(layers)), [f"{i} {n}" for i, n in layers], fontsize=7)
         ax.set_xlabel("centroids k")
         ax.set_title(f"{'biases' if tensor == 'bias' else 'weights'}: drop in top-1 agreement (points)", fontsize=9)
-        figure.colorbar(image, ax=ax, fraction=0.04)
+        figure.colorbar(image, ax=ax, fraction=0.04, pad=0.02)
     return figure
 
 
@@ -164,10 +192,11 @@ def run_markdown(report: dict[str, Any]) -> str:
     ]
     if "search" in report:
         s = report["search"]
-        lines += ["", f"Plan search: budget {s['max_drop']} points of {s['metric']}, measured drop "
+        lines += ["", f"Plan search: budget {_budget(s)}, measured drop "
                   f"{s['measured_drop']:.2f} (predicted {s['predicted_drop']:.2f}); see `plan.yaml`, `search.json`, "
-                  "`sweep/heatmap.png`, `sweep/pareto.png`.", "", "![sensitivity](sweep/heatmap.png)",
-                  "", "![size against fidelity](sweep/pareto.png)"]
+                  "`search.png`, `sweep/heatmap.png`, `sweep/pareto.png`.", "",
+                  "![the plans the search measured](search.png)", "", "![sensitivity](sweep/heatmap.png)",
+                  "", "![size against fidelity, one tensor at a time](sweep/pareto.png)"]
     lines += ["", "Stage times (s): " + ", ".join(f"{k} {v}" for k, v in report.get("timings", {}).items())]
     return "\n".join(lines) + "\n"
 

@@ -31,6 +31,12 @@ def add_model_args(parser: argparse.ArgumentParser, weights: bool = True, requir
         group.add_argument("--weights", required=required, help="checkpoint: .safetensors or a .pt/.pth state_dict")
 
 
+def add_skip_unreadable(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--skip-unreadable", action="store_true",
+                        help="image folders: decode every file once and leave out those that fail (all named in "
+                             "the log); by default the first one is an error")
+
+
 def add_device_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--device", default="auto", help="cpu, cuda, cuda:1 ... (default: cuda when present)")
     parser.add_argument("--batch-size", type=int, default=256, help="images per batch (default 256)")
@@ -109,10 +115,27 @@ def model_from_args(args: argparse.Namespace) -> nn.Module:
 
 
 def write_config(path: str | Path, args: argparse.Namespace, **extra: Any) -> None:
-    """The resolved configuration of a command, next to its outputs."""
-    data = {k: (list(v) if isinstance(v, tuple) else v) for k, v in vars(args).items() if k != "run"}
+    """The resolved configuration of a command, next to its outputs; paths made absolute, so
+    a later command run from another folder (``search`` reads a sweep's) finds the same files."""
+    data = {k: _absolute(k, list(v) if isinstance(v, tuple) else v) for k, v in vars(args).items() if k != "run"}
     data.update(extra)
     atomic_write_json(path, data)
+
+
+_PATH_KEYS = ("weights", "plan")
+_PATH_SPECS = ("images:", "imagefolder:", "npz:")
+
+
+def _absolute(key: str, value: Any) -> Any:
+    """``value`` with a relative file path (or the path of a data spec such as ``images:x``) made absolute."""
+    if not isinstance(value, str) or not value:
+        return value
+    if key in _PATH_KEYS:
+        return str(Path(value).expanduser().absolute())
+    for prefix in _PATH_SPECS:
+        if value.startswith(prefix):
+            return prefix + str(Path(value[len(prefix):]).expanduser().absolute())
+    return value
 
 
 def print_json(data: Any) -> None:

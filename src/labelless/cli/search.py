@@ -12,7 +12,7 @@ from ..errors import LabellessError
 from ..evaluate import check_device, resolve_device
 from ..importance import load_importance
 from ..io import atomic_write_json, check_output_dir
-from ..report import format_table
+from ..report import format_table, plot_search
 from ..search import make_evaluator, search
 from ..sensitivity import SweepResult, prepare_reference
 from .common import fraction, model_from_args
@@ -56,6 +56,7 @@ def run(args: argparse.Namespace) -> int:
                            f"{best.measured_drop:.2f} points (budget {args.max_drop} points, {_size_text(args)}), "
                            f"predicted {best.predicted_drop:.2f}")
     atomic_write_json(Path(args.output).with_suffix(".search.json"), found.to_dict())
+    plot_search(found, result.reference["fp32_bytes"], Path(args.output).with_suffix(".search.png"))
     rows = [(c.bytes, f"{100 * (1 - c.bytes / result.reference['fp32_bytes']):.2f}%", c.predicted_drop, c.measured_drop,
              "<- chosen" if c is best else "") for c in found.alternatives]
     print(format_table(rows, ["bytes", "smaller by", "predicted drop", "measured drop", ""]))
@@ -83,6 +84,9 @@ def _sweep_args(folder: Path) -> argparse.Namespace:
     if missing:
         raise LabellessError(f"{folder}/config.json lacks {missing}: it was not written by `labelless sweep`; "
                              f"run the sweep again")
+    if data["weights"] and not Path(data["weights"]).is_file():
+        raise LabellessError(f"the weights {data['weights']!r} named in {folder}/config.json do not exist: "
+                             f"put them back, or run the sweep again with --weights")
     data["mean"], data["std"] = tuple(data.get("mean") or ()), tuple(data.get("std") or ())
     return argparse.Namespace(**data)
 
