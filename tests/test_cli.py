@@ -188,3 +188,12 @@ def test_print_config_is_a_complete_commented_config_that_reads_back(tmp_path, c
     resolved = RunConfig.from_data(yaml.safe_load(capsys.readouterr().out))
     assert resolved.search.smaller_by == 0.93 and resolved.out == str(tmp_path / "o")
     assert not (tmp_path / "o").exists()  # printing runs nothing
+
+
+def test_train_without_image_size_trains_at_the_datas_own_size(tmp_path, caplog):
+    out = tmp_path / "t.safetensors"
+    with caplog.at_level("INFO", logger="labelless"):
+        assert main(["train", "--model", "resnet18", "--num-classes", "10", "--in-channels", "1", "--small-input",
+                     "--data", "digits", "--limit", "32", "--epochs", "1", "--device", "cpu", "-o", str(out)]) == 0
+    assert json.loads(out.with_name("t.safetensors.json").read_text())["spec"]["image_size"] == 8  # digits are 8x8
+    assert "image size 8 px, from digits" in caplog.text

@@ -191,6 +191,25 @@ def test_missing_or_misplaced_file_fails_cleanly(capsys, world, out, case):
     _run_case(capsys, world, out, *FILE_CASES[case])
 
 
+def test_search_from_another_folder_finds_the_sweeps_relative_weights(capsys, world, tmp_path, monkeypatch):
+    import shutil
+
+    work, elsewhere = tmp_path / "work", tmp_path / "elsewhere"
+    work.mkdir(), elsewhere.mkdir()
+    shutil.copy(world["ckpt"], work / "w.safetensors")
+    monkeypatch.chdir(work)
+    assert main(["sweep", *MODEL, "--weights", "w.safetensors", "--unlabeled", "digits", "--limit", "8",
+                 "--clusters", "1,4", "--batch-size", "8", "-o", "sw"]) == 0
+    monkeypatch.chdir(elsewhere)
+    assert main(["search", str(work / "sw"), "--smaller-by", "50%", "-o", "p.yaml"]) == 0
+    assert (elsewhere / "p.yaml").is_file() and (elsewhere / "p.search.png").stat().st_size > 0
+    (work / "w.safetensors").unlink()
+    out = tmp_path / "out"
+    out.mkdir()
+    fails_cleanly(capsys, ["search", str(work / "sw"), "--max-drop", "1", "-o", str(out / "p.yaml")], out,
+                  "w.safetensors", "named in", "config.json do not exist")
+
+
 def test_cut_sweep_json_fails_cleanly(capsys, world, out, tmp_path):
     folder = tmp_path / "sweep"
     folder.mkdir()
@@ -389,6 +408,27 @@ def test_bad_data_fails_cleanly(capsys, world, out, case):
     _run_case(capsys, world, out, *DATA_CASES[case])
 
 
+def test_skip_unreadable_leaves_out_and_names_every_bad_image(world, tmp_path, caplog):
+    import shutil
+
+    photos = tmp_path / "photos"
+    shutil.copytree(world["gray"], photos)
+    good = (photos / "class0" / "0.png").read_bytes()
+    (photos / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n" + b"\x00" * 40)  # a header that is no PNG
+    (photos / "cut.png").write_bytes(good[: len(good) // 2])  # a valid header, then the file ends
+    with pytest.raises(labelless.DataError, match="broken.png.*--skip-unreadable"):  # by default: an error
+        labelless.open_images(f"images:{photos}", size=12)
+    with caplog.at_level(logging.WARNING, logger="labelless"):
+        data = labelless.open_images(f"images:{photos}", size=12, skip_unreadable=True)
+    assert len(data) == 8 and all(data[i].shape == (1, 12, 12) for i in range(len(data)))
+    assert "left out 2 unreadable image(s) of 10" in caplog.text
+    assert "broken.png" in caplog.text and "cut.png" in caplog.text
+    out = tmp_path / "out"
+    out.mkdir()
+    argv = _argv(_retrain(f"images:{photos}", output=str(out / "r.lless")), world, out) + ["--skip-unreadable"]
+    assert main(argv) == 0 and (out / "r.lless").is_file()
+
+
 @pytest.mark.parametrize("folder, in_channels", [("gray", 3), ("rgb", 1), ("mixed", 1), ("mixed", 3)],
                          ids=["grayscale data, RGB model", "RGB data, grayscale model", "RGBA/palette/LA data, "
                               "grayscale model", "RGBA/palette/LA data, RGB model"])
@@ -442,6 +482,21 @@ MODEL_CASES = {
     "wrong number of means": (["layers", *MODEL, "--mean", "0.1,0.2"], ("mean needs 1 value",)),
     "unknown device": (_train("digits", extra=("--device", "gpu")), ("unknown device 'gpu'",)),
 }
+
+
+SWEEP = ["sweep", *MODEL, "--weights", "{ckpt}", "--unlabeled", "digits", "--limit", "8", "-o", "{out}/sw"]
+SWEEP_CASES = {
+    "k too large": ([*SWEEP, "--clusters", "1,100000"], ("clusters above 65536", "sweep at most 65536")),
+    "k zero": ([*SWEEP, "--clusters", "0,4"], ("clusters must be whole numbers >= 1",)),
+    "no GPU": ([*SWEEP, "--device", "cuda"], ("no usable CUDA GPU", "--device cpu")),
+}
+
+
+@pytest.mark.parametrize("case", SWEEP_CASES)
+def test_bad_sweep_flags_fail_before_any_work_or_file(capsys, world, out, case):
+    if case == "no GPU" and torch.cuda.is_available():
+        pytest.skip("this machine has a GPU")
+    _run_case(capsys, world, out, *SWEEP_CASES[case])
 
 
 @pytest.mark.parametrize("case", MODEL_CASES)

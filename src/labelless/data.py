@@ -79,7 +79,8 @@ class _Decoder:
         except PermissionError as exc:
             raise _unreadable(path, exc) from None
         except _DECODE_ERRORS as exc:
-            raise DataError(f"cannot decode {str(path)!r} ({exc}): remove or convert that file") from None
+            raise DataError(f"cannot decode {str(path)!r} ({exc}): remove or convert that file, "
+                        f"or pass --skip-unreadable to leave out every file that cannot be read") from None
         image = torch.from_numpy(array)  # (H, W) or (H, W, 3)
         return image.unsqueeze(0) if image.ndim == 2 else image.permute(2, 0, 1).contiguous()
 
@@ -178,7 +179,8 @@ class _Source:
 
 
 def open_images(spec: str, *, split: str = "train", labeled: bool = False, size: int | None = None,
-                channels: int | None = None, limit: int | None = None, seed: int = 0) -> ImageSet:
+                channels: int | None = None, limit: int | None = None, seed: int = 0,
+                skip_unreadable: bool = False) -> ImageSet:
     """Open the images a spec names as an :class:`ImageSet` of uint8 ``(C, H, W)`` images.
 
     ``size``: folders are decoded with the shorter side resized to ``size`` and centre-cropped to
@@ -187,7 +189,9 @@ def open_images(spec: str, *, split: str = "train", labeled: bool = False, size:
     device, which keeps e.g. 60,000 Fashion-MNIST images small when a model wants 224 px.
     ``channels``: 1 (grayscale) or 3 (RGB); None keeps the source's own. ``limit``: a seeded
     random subset of that many images, kept in the source's order (the same seed gives the same
-    subset, and a smaller limit a subset of a larger one).
+    subset, and a smaller limit a subset of a larger one). ``skip_unreadable``: decode every file
+    of a folder once and leave out those that fail, all named in one warning (by default the
+    first such file is an error).
 
     Example:
         >>> train = open_images("fashion-mnist", labeled=True, limit=5000, seed=1)
@@ -207,6 +211,8 @@ def open_images(spec: str, *, split: str = "train", labeled: bool = False, size:
         data = ImageSet(spec, images.contiguous(), labels, source.classes, labeled=labeled)
     else:
         files = source.files if keep is None else [source.files[i] for i in keep.tolist()]
+        if skip_unreadable:
+            files, labels = _readable(spec, files, labels)
         data = _folder_set(spec, files, labels, source.classes, labeled, size, channels)
     log.info("%s (%s): %d images %s from %s", spec, split, len(data), "x".join(map(str, data.image_shape)),
              source.where)
@@ -690,6 +696,26 @@ def _folder_set(spec: str, files: list[Path], labels: Tensor | None, classes: li
                     image_shape=shape)
 
 
+def _readable(spec: str, files: list[Path], labels: Tensor | None) -> tuple[list[Path], Tensor | None]:
+    """The files that decode completely (each decoded once) and their labels; the others are
+    named, every one of them, in one warning."""
+    bad = set()
+    for i, path in enumerate(progress(files, desc="checking images", total=len(files), unit="img")):
+        try:
+            with Image.open(path) as img:
+                img.load()
+        except _DECODE_ERRORS:  # OSError covers unreadable (permission) files too
+            bad.add(i)
+    if not bad:
+        return files, labels
+    if len(bad) == len(files):
+        raise DataError(f"{spec}: none of its {len(files)} images can be decoded: check the folder")
+    log.warning("%s: left out %d unreadable image(s) of %d: %s", spec, len(bad), len(files),
+                ", ".join(str(files[i]) for i in sorted(bad)))
+    keep = [i for i in range(len(files)) if i not in bad]
+    return [files[i] for i in keep], labels[torch.tensor(keep)] if labels is not None else None
+
+
 def _header(path: Path) -> tuple[tuple[int, int], str]:
     """(width, height) and PIL mode of an image file, read from its header only."""
     try:
@@ -698,7 +724,8 @@ def _header(path: Path) -> tuple[tuple[int, int], str]:
     except PermissionError as exc:
         raise _unreadable(path, exc) from None
     except _DECODE_ERRORS as exc:
-        raise DataError(f"cannot decode {str(path)!r} ({exc}): remove or convert that file") from None
+        raise DataError(f"cannot decode {str(path)!r} ({exc}): remove or convert that file, "
+                        f"or pass --skip-unreadable to leave out every file that cannot be read") from None
 
 
 def _convert(img: Image.Image, channels: int) -> Image.Image:

@@ -31,6 +31,7 @@ from .io import atomic_write_json, atomic_write_text
 from .models import ModelSpec, build_model, load_weights, save_checkpoint, state_digest
 from .plan import load_plan
 from .quantize import quantize
+from .report import plot_search
 from .retrain import CrossEntropy, retrain
 from .runconfig import ModelSection, RunConfig
 from .search import make_evaluator, search
@@ -205,6 +206,7 @@ def _search(run: _Run, result, unlabeled, preprocess, importance):
     plan = found.best.plan()
     plan.save(run.out / "plan.yaml", header=_plan_header(found))
     atomic_write_json(run.out / "search.json", found.to_dict())
+    plot_search(found, result.reference["fp32_bytes"], run.out / "search.png")
     run.report["search"] = {"max_drop": section.max_drop, "max_bytes": section.max_bytes,
                             "smaller_by": section.smaller_by, "metric": section.metric,
                             "measured_drop": found.best.measured_drop, "predicted_drop": found.best.predicted_drop,

@@ -50,6 +50,9 @@ log = logging.getLogger(__name__)
 DEFAULT_CLUSTERS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
 
 
+MAX_SWEEP_CLUSTERS = 1 << 16
+
+
 @dataclass(frozen=True)
 class SweepConfig:
     """What the sweep tries and on how many images."""
@@ -64,6 +67,10 @@ class SweepConfig:
         clusters = tuple(sorted(set(self.clusters)))
         if not clusters or any(isinstance(k, bool) or not isinstance(k, int) or k < 1 for k in clusters):
             raise LabellessError(f"clusters must be whole numbers >= 1, got {list(self.clusters)}")
+        if clusters[-1] > MAX_SWEEP_CLUSTERS:
+            raise LabellessError(f"clusters above {MAX_SWEEP_CLUSTERS} (more than 16-bit indices) save little over fp32 "
+                                 f"and need memory in proportion to k for the exact k-means; got {clusters[-1]}: "
+                                 f"sweep at most {MAX_SWEEP_CLUSTERS}")
         if self.batch_size < 1:
             raise LabellessError(f"batch size must be >= 1, got {self.batch_size}")
         granularities = tuple(dict.fromkeys(self.granularities))

@@ -63,7 +63,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         return _fail("interrupted", 130)
     except MemoryError:
-        return _fail("out of memory: try a smaller --batch-size or --limit", 1)
+        return _fail("out of memory: try a smaller --batch-size or --limit (a sweep: smaller --clusters values)", 1)
     except OSError as exc:
         return _fail(f"{exc.strerror or exc}{f': {exc.filename}' if exc.filename else ''}", 1)
     except Exception as exc:  # a bug: one line unless asked for the traceback

@@ -15,7 +15,7 @@ from ..io import check_output_dir
 from ..plan import load_plan
 from ..quantize import quantize
 from ..report import inspect_table
-from .common import add_model_args, model_from_args
+from .common import add_model_args, add_skip_unreadable, model_from_args
 
 log = logging.getLogger(__name__)
 
@@ -37,6 +37,7 @@ def add_importance_args(parser: argparse.ArgumentParser) -> None:
                             "(labels are never read); without it, plain squared error")
     group.add_argument("--limit", type=int, default=DEFAULT_IMAGES,
                        help=f"images the importance is averaged over (default {DEFAULT_IMAGES})")
+    add_skip_unreadable(group)
     group.add_argument("--seed", type=int, default=0, help="seed for the image subset and drawn labels (default 0)")
     group.add_argument("--correct-bn", action="store_true",
                        help="then correct the BatchNorm statistics for the shift quantization causes, on the same "
@@ -65,7 +66,7 @@ def storage_kwargs(args: argparse.Namespace) -> dict:
 def _images(model, args: argparse.Namespace):
     spec = model.labelless_spec
     return open_images(args.unlabeled, split="train", size=spec.image_size, channels=spec.in_channels,
-                       limit=args.limit, seed=args.seed).unlabeled()
+                       limit=args.limit, seed=args.seed, skip_unreadable=args.skip_unreadable).unlabeled()
 
 
 def run(args: argparse.Namespace) -> int:

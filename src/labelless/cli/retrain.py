@@ -19,7 +19,7 @@ from ..fileformat import load, save
 from ..io import atomic_write_json, check_output_dir
 from ..models import build_model, load_weights
 from ..retrain import CrossEntropy, RetrainConfig, retrain
-from .common import write_config
+from .common import add_skip_unreadable, write_config
 from .quantize import add_storage_args, storage_kwargs
 
 log = logging.getLogger(__name__)
@@ -33,6 +33,7 @@ def add_parser(subparsers) -> None:
     source.add_argument("--unlabeled", help="unlabelled images to match the teacher on (label-free)")
     source.add_argument("--labeled", help="labelled images: conventional retraining, the baseline")
     parser.add_argument("--limit", type=int, default=None, help="use this many images only")
+    add_skip_unreadable(parser)
     parser.add_argument("--eval", dest="eval_data", default=None, help="labelled test set to report accuracy before/after")
     add_retrain_args(parser)
     parser.add_argument("--device", default="auto")
@@ -100,10 +101,10 @@ def _retrain(args, spec, student, teacher, preprocess, config: RetrainConfig, ch
     size, channels = spec.image_size, spec.in_channels
     if args.unlabeled is not None:
         data = open_images(args.unlabeled, split="train", size=size, channels=channels, limit=args.limit,
-                           seed=args.seed).unlabeled()
+                           seed=args.seed, skip_unreadable=args.skip_unreadable).unlabeled()
         return retrain(student, teacher, data, preprocess, config=config, checkpoint_dir=checkpoints, device=device)
     data = open_images(args.labeled, split="train", labeled=True, size=size, channels=channels, limit=args.limit,
-                       seed=args.seed)
+                       seed=args.seed, skip_unreadable=args.skip_unreadable)
     return retrain(student, CrossEntropy(), data, preprocess, config=config, checkpoint_dir=checkpoints, device=device)
 
 

@@ -11,10 +11,11 @@ from pathlib import Path
 
 from .. import distributed
 from ..data import Preprocess, open_images
+from ..evaluate import check_device
 from ..importance import DEFAULT_IMAGES, fisher_importance, save_importance
 from ..plan import GRANULARITIES
 from ..sensitivity import DEFAULT_CLUSTERS, SweepConfig, sweep
-from .common import add_device_args, add_model_args, ints, model_from_args, write_config
+from .common import add_device_args, add_model_args, add_skip_unreadable, ints, model_from_args, write_config
 
 IMPORTANCE_FILE = "importance.safetensors"
 
@@ -43,11 +44,13 @@ def add_data_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--unlabeled", required=True, help="unlabelled images: fashion-mnist, mnist, imagefolder:PATH, images:PATH, npz:PATH")
     parser.add_argument("--labeled", default=None, help="optional labelled set (test split) to also report accuracy")
     parser.add_argument("--limit", type=int, default=2000, help="unlabelled images to measure on (default 2000)")
+    add_skip_unreadable(parser)
 
 
 def open_data(args: argparse.Namespace, spec):
     size, channels = spec.image_size, spec.in_channels
-    unlabeled = open_images(args.unlabeled, split="train", size=size, channels=channels, limit=args.limit, seed=args.seed)
+    unlabeled = open_images(args.unlabeled, split="train", size=size, channels=channels, limit=args.limit, seed=args.seed,
+                            skip_unreadable=getattr(args, "skip_unreadable", False))  # an older sweep's config lacks it
     labeled = None
     if args.labeled:
         labeled = open_images(args.labeled, split="test", labeled=True, size=size, channels=channels, limit=args.limit, seed=args.seed)
@@ -56,6 +59,9 @@ def open_data(args: argparse.Namespace, spec):
 
 def run(args: argparse.Namespace) -> int:
     out = Path(args.output)
+    check_device(args.device)  # every flag is checked before any work and before any file
+    config = SweepConfig(clusters=args.clusters, include_bias=not args.no_bias, batch_size=args.batch_size,
+                         granularities=args.granularity, group_size=args.group_size)
     model = model_from_args(args)
     spec = model.labelless_spec
     unlabeled, labeled = open_data(args, spec)
@@ -64,8 +70,6 @@ def run(args: argparse.Namespace) -> int:
     weights = os.stat(args.weights)
     identity = {"args": {k: v for k, v in vars(args).items() if k not in ("run", "output", "device", "verbose", "quiet")},
                 "weights": [weights.st_size, weights.st_mtime_ns]}
-    config = SweepConfig(clusters=args.clusters, include_bias=not args.no_bias, batch_size=args.batch_size,
-                         granularities=args.granularity, group_size=args.group_size)
     if distributed.is_main():
         write_config(out / "config.json", args, spec=spec.to_dict())
     device = distributed.device(args.device)

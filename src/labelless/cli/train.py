@@ -32,6 +32,7 @@ def run(args: argparse.Namespace) -> int:
 
     check_output_dir(args.output)
     check_device(args.device)
+    _image_size_from_data(args)
     spec = model_spec(args)
     device = resolve_device(args.device)
     train = open_images(args.data, split="train", labeled=True, size=spec.image_size, channels=spec.in_channels,
@@ -47,3 +48,12 @@ def run(args: argparse.Namespace) -> int:
     write_config(f"{args.output}.json", args, spec=spec.to_dict(), result=stats)
     print(f"trained {spec.name}: test accuracy {stats['test_accuracy']:.2f}% in {stats['seconds']:.0f} s -> {args.output}")
     return 0
+
+
+def _image_size_from_data(args: argparse.Namespace) -> None:
+    """Without ``--image-size``, train at the data's own size (28 px for Fashion-MNIST), not at 224."""
+    if args.image_size:
+        return
+    first = open_images(args.data, split="train", labeled=True, limit=1, seed=args.seed)[0][0]
+    args.image_size = int(min(first.shape[-2:]))
+    log.info("image size %d px, from %s (give --image-size to train at another)", args.image_size, args.data)
