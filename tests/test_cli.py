@@ -197,3 +197,19 @@ def test_train_without_image_size_trains_at_the_datas_own_size(tmp_path, caplog)
                      "--data", "digits", "--limit", "32", "--epochs", "1", "--device", "cpu", "-o", str(out)]) == 0
     assert json.loads(out.with_name("t.safetensors.json").read_text())["spec"]["image_size"] == 8  # digits are 8x8
     assert "image size 8 px, from digits" in caplog.text
+
+
+@pytest.mark.parametrize("best_epoch, labeled, expected", [
+    (2, True, "won back +3.00, and lands -1.00 points from labelled retraining."),
+    (0, False, "won back +0.00 (no epoch beat the start on the held-out images, so the quantized model was kept)."),
+])
+def test_the_recovery_line_says_what_retraining_won_back(best_epoch, labeled, expected):
+    from labelless.report import recovery_line
+
+    free = 83.0 if best_epoch else 80.0
+    report = {"original": {"accuracy": 85.0}, "quantized": {"accuracy": 80.0},
+              "retrained_labelfree": {"accuracy": free, "best_epoch": best_epoch}}
+    if labeled:
+        report["retrained_labeled"] = {"accuracy": 84.0}
+    line = recovery_line(report)
+    assert line.startswith("Quantization cost 5.00 points of accuracy; label-free") and line.endswith(expected)

@@ -27,7 +27,7 @@ def test_run_writes_model_report_sweep_and_config(tmp_path, capsys):
     assert main(["run", str(config)]) == 0
     out = tmp_path / "out"
     for name in ("model.lless", "quantized.lless", "baseline.lless", "report.md", "report.json", "config.yaml",
-                 "plan.yaml", "search.json", "sweep/sweep.csv", "sweep/heatmap.png", "sweep/pareto.png"):
+                 "plan.yaml", "search.json", "search.png", "sweep/sweep.csv", "sweep/heatmap.png", "sweep/pareto.png"):
         assert (out / name).is_file(), name
     report = json.loads((out / "report.json").read_text())
     for section in ("original", "quantized", "retrained_labelfree", "retrained_labeled"):
@@ -39,3 +39,6 @@ def test_run_writes_model_report_sweep_and_config(tmp_path, capsys):
     assert yaml.safe_load((out / "config.yaml").read_text())["sweep"]["clusters"] == [1, 4, 16]
     printed = capsys.readouterr().out
     assert "retrained_labelfree" in printed and "size reduction" in printed
+    won = report["retrained_labelfree"]["accuracy"] - report["quantized"]["accuracy"]
+    assert f"label-free retraining won back {won:+.2f}" in printed  # the recovery, said in points
+    assert f"won back {won:+.2f}" in (out / "report.md").read_text()

@@ -190,6 +190,9 @@ def run_markdown(report: dict[str, Any]) -> str:
         "",
         f"Size reduction from the real file: **{100 * report['size_reduction']:.2f}%**.",
     ]
+    recovery = recovery_line(report)
+    if recovery:
+        lines += ["", recovery]
     if "search" in report:
         s = report["search"]
         lines += ["", f"Plan search: budget {_budget(s)}, measured drop "
@@ -205,6 +208,23 @@ def _markdown_table(rows: Sequence[Sequence[Any]], headers: Sequence[str]) -> st
     out = ["| " + " | ".join(headers) + " |", "|" + "---|" * len(headers)]
     out += ["| " + " | ".join(_cell(v) for v in row) + " |" for row in rows]
     return "\n".join(out)
+
+
+def recovery_line(report: dict[str, Any]) -> str | None:
+    """What label-free retraining won back, and how far it is from labelled retraining, in points."""
+    quantized, free, labeled = (report.get(k) for k in ("quantized", "retrained_labelfree", "retrained_labeled"))
+    if not quantized or not free:
+        return None
+    if free.get("skipped"):
+        return f"Label-free retraining was skipped: {free['skipped']}."
+    lost = report["original"]["accuracy"] - quantized["accuracy"]
+    text = (f"Quantization cost {lost:.2f} points of accuracy; label-free retraining won back "
+            f"{free['accuracy'] - quantized['accuracy']:+.2f}")
+    if free.get("best_epoch") == 0:
+        text += " (no epoch beat the start on the held-out images, so the quantized model was kept)"
+    if labeled and not labeled.get("skipped"):
+        text += f", and lands {free['accuracy'] - labeled['accuracy']:+.2f} points from labelled retraining"
+    return text + "."
 
 
 def summary_table(report: dict[str, Any]) -> str:

@@ -7,7 +7,7 @@ import dataclasses
 
 from ..config import commented_yaml, load_yaml
 from ..pipeline import RunConfig, run_pipeline
-from ..report import summary_table
+from ..report import recovery_line, summary_table
 
 
 def add_parser(subparsers) -> None:
@@ -33,5 +33,7 @@ def run(args: argparse.Namespace) -> int:
         return 0
     report = run_pipeline(config)  # checks the config first, before any work
     print(summary_table(report))
+    if recovery_line(report):
+        print(recovery_line(report))
     print(f"size reduction {100 * report['size_reduction']:.2f}% (real file); report: {config.out}/report.md")
     return 0
