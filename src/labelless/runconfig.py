@@ -30,14 +30,17 @@ __all__ = ["RunConfig", "ModelSection", "TeacherSection", "DataSection", "SweepS
            "SearchSection", "StorageSection", "CONFIG_VERSION"]
 
 
+def _at_least_one(name: str, value: int | None, nullable: str = "") -> None:
+    """A one-line error unless ``value`` is a whole number >= 1 (or None, when ``nullable`` says what null means)."""
+    if value is None and nullable:
+        return
+    if value is None or isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        null = f" (or null for {nullable})" if nullable else ""
+        raise LabellessError(f"{name} must be a whole number >= 1{null}, got {value!r}")
+
+
 def _limit(name: str, value: int | None) -> None:
-    if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
-        raise LabellessError(f"{name} must be a whole number >= 1 (or null for all images), got {value!r}")
-
-
-def _at_least_one(name: str, value: int) -> None:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise LabellessError(f"{name} must be a whole number >= 1, got {value!r}")
+    _at_least_one(name, value, nullable="all images")
 
 
 CONFIG_VERSION = 1  # of RunConfig's layout; a config of another version is refused, clearly
