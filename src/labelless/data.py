@@ -79,8 +79,7 @@ class _Decoder:
         except PermissionError as exc:
             raise _unreadable(path, exc) from None
         except _DECODE_ERRORS as exc:
-            raise DataError(f"cannot decode {str(path)!r} ({exc}): remove or convert that file, "
-                        f"or pass --skip-unreadable to leave out every file that cannot be read") from None
+            raise _undecodable(path, exc) from None
         image = torch.from_numpy(array)  # (H, W) or (H, W, 3)
         return image.unsqueeze(0) if image.ndim == 2 else image.permute(2, 0, 1).contiguous()
 
@@ -629,6 +628,11 @@ def _unreadable(path: str | Path, exc: OSError) -> DataError:
     return DataError(f"cannot read {str(path)!r} ({why}): make it readable (chmod -R +rX) or point at another folder")
 
 
+def _undecodable(path: str | Path, exc: Exception) -> DataError:
+    return DataError(f"cannot decode {str(path)!r} ({exc}): remove or convert that file, "
+                     f"or pass --skip-unreadable to leave out every file that cannot be read")
+
+
 def _raise_unreadable(exc: OSError) -> None:
     raise _unreadable(exc.filename, exc)
 
@@ -724,8 +728,7 @@ def _header(path: Path) -> tuple[tuple[int, int], str]:
     except PermissionError as exc:
         raise _unreadable(path, exc) from None
     except _DECODE_ERRORS as exc:
-        raise DataError(f"cannot decode {str(path)!r} ({exc}): remove or convert that file, "
-                        f"or pass --skip-unreadable to leave out every file that cannot be read") from None
+        raise _undecodable(path, exc) from None
 
 
 def _convert(img: Image.Image, channels: int) -> Image.Image:
