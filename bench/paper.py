@@ -47,6 +47,7 @@ from labelless.importance import fisher_importance  # noqa: E402
 from labelless.refine import refine_images  # noqa: E402
 from labelless.retrain import CrossEntropy, RetrainConfig, retrain, trainable_parameters  # noqa: E402
 from labelless.search import make_evaluator, search  # noqa: E402
+from labelless.selection import MIN_HOLDOUT  # noqa: E402
 from labelless.sensitivity import SweepConfig, prepare_reference, sweep  # noqa: E402
 from labelless.train import TrainConfig, train_classifier  # noqa: E402
 
@@ -360,7 +361,8 @@ def _retrainings(bench: Bench, quantized: torch.nn.Module, tune: bool, seeds: in
     other = bench.other_domain()
     labeled = bench.open("fashion-mnist", True, scale.retrain_limit)
     for seed in range(seeds):
-        config = RetrainConfig(epochs=scale.retrain_epochs, batch_size=scale.batch_size, seed=seed, tune_centroids=tune)
+        config = RetrainConfig(epochs=scale.retrain_epochs, batch_size=scale.batch_size, seed=seed, tune_centroids=tune,
+                               min_holdout=1 if scale.name == "quick" else MIN_HOLDOUT)  # quick holds out 3 images
         for kind, go in (("labelfree_same", lambda s: retrain(s, bench.teacher, same, bench.preprocess, config=config, device=bench.device)),
                          ("labelfree_other", lambda s: retrain(s, bench.teacher, other, bench.preprocess, config=config, device=bench.device)),
                          ("labeled", lambda s: retrain(s, CrossEntropy(), labeled, bench.preprocess, config=config, device=bench.device))):

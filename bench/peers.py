@@ -67,6 +67,7 @@ from labelless.data import Preprocess, open_images  # noqa: E402
 from labelless.evaluate import accuracy, predict, resolve_device  # noqa: E402
 from labelless.models import save_checkpoint  # noqa: E402
 from labelless.retrain import CrossEntropy, RetrainConfig, retrain  # noqa: E402
+from labelless.selection import MIN_HOLDOUT  # noqa: E402
 from labelless.train import TrainConfig, train_classifier  # noqa: E402
 
 log = logging.getLogger("peers")
@@ -417,8 +418,11 @@ def _result(bench: Bench, model: nn.Module, packed: dict, seconds: float, notes:
 
 
 def coreml_ptp(bench: Bench, bits: int) -> dict:
-    from coremltools.optimize.torch.palettization import (ModulePostTrainingPalettizerConfig,
-                                                          PostTrainingPalettizer, PostTrainingPalettizerConfig)
+    from coremltools.optimize.torch.palettization import (
+        ModulePostTrainingPalettizerConfig,
+        PostTrainingPalettizer,
+        PostTrainingPalettizerConfig,
+    )
 
     _quiet()
     config = PostTrainingPalettizerConfig(
@@ -678,7 +682,7 @@ def _retrain_row(bench: Bench, kind: str, seed: int, source: str | None) -> dict
     features = FEATURES if kind.endswith("+features") else 0.0
     refine = REFINE_STEPS if kind.endswith("+refine") else 0
     config = RetrainConfig(epochs=scale.retrain_epochs, batch_size=scale.batch_size, seed=seed, features=features,
-                           refine_steps=refine)
+                           refine_steps=refine, min_holdout=min(MIN_HOLDOUT, scale.retrain_limit // 10))  # quick: 6 held out
     go = dict(config=config, device=bench.run.device)
     fashion = _open("fashion-mnist", True, scale.retrain_limit, seed=bench.run.seed)
     if how.startswith("label-free(mnist)"):

@@ -332,6 +332,18 @@ def test_limit_is_a_seeded_subset_in_source_order(numbered):
     assert len(open_images(numbered, limit=1000)) == 100
 
 
+def test_after_draws_images_disjoint_from_a_smaller_limit(numbered):
+    held = set(_values(open_images(numbered, limit=30, seed=3)))
+    rest = _values(open_images(numbered, limit=50, seed=3, after=30))
+    assert len(rest) == 50 and not held & set(rest) and rest == sorted(rest)
+    assert held | set(rest) == set(_values(open_images(numbered, limit=80, seed=3)))
+    assert len(open_images(numbered, seed=3, after=30)) == 70  # no limit: all the others
+    with pytest.raises(DataError, match="none is left after the first 100"):
+        open_images(numbered, limit=5, after=100)
+    with pytest.raises(DataError, match="after must be a whole number"):
+        open_images(numbered, after=-1)
+
+
 def test_loader_shuffle_is_fixed_by_its_seed(numbered):
     images = open_images(numbered)
 

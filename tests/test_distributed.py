@@ -25,7 +25,8 @@ from labelless.cli import main
 
 MODEL = ["--model", "resnet18", "--num-classes", "10", "--in-channels", "1", "--image-size", "16"]
 SWEEP = ["--unlabeled", "digits", "--limit", "8", "--clusters", "1,4", "--no-bias", "--batch-size", "8"]
-RETRAIN = ["--unlabeled", "digits", "--limit", "160", "--batch-size", "32", "--cutmix", "0", "--lr", "3e-3"]
+RETRAIN = ["--unlabeled", "digits", "--limit", "160", "--batch-size", "32", "--cutmix", "0", "--lr", "3e-3",
+           "--min-holdout", "16"]  # 16 of 160 images held out
 TIMEOUT = 240  # seconds; a deadlock shows as a timeout, not as a hung test run
 
 pytestmark = pytest.mark.skipif(not torch.distributed.is_available(), reason="no torch.distributed")

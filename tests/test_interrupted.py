@@ -85,7 +85,7 @@ def _sweep_argv(inputs: dict[str, Path]) -> Callable[[Path], list[str]]:
 def _retrain_argv(inputs: dict[str, Path]) -> Callable[[Path], list[str]]:
     return lambda out: ["retrain", str(inputs["student"]), "--weights", str(inputs["teacher"]), "--unlabeled",
                         "digits", "--limit", "96", "--epochs", "3", "--batch-size", "16", "--device", "cpu",
-                        "-o", str(out / "retrained.lless")]
+                        "--min-holdout", "5", "-o", str(out / "retrained.lless")]
 
 
 def _run_argv(inputs: dict[str, Path]) -> Callable[[Path], list[str]]:
@@ -96,8 +96,8 @@ def _run_argv(inputs: dict[str, Path]) -> Callable[[Path], list[str]]:
             "data": {"unlabeled": "digits", "unlabeled_limit": 64, "test": "digits", "test_limit": 32,
                      "baseline": "digits", "baseline_limit": 32},
             "sweep": {"clusters": [1, 4], "limit": 16, "batch_size": 16},
-            "search": {"max_drop": 10.0},
-            "retrain": {"epochs": 2, "batch_size": 16},
+            "search": {"max_drop": 10.0, "smaller_by": None, "after_retraining": 0},
+            "retrain": {"epochs": 2, "batch_size": 16, "min_holdout": 1},  # 6 of 64 images held out
             "storage": {"entropy": "ans"},
             "device": "cpu",
             "out": str(out),

@@ -11,8 +11,7 @@ import pytest
 import torch
 
 import labelless
-from labelless import LabellessError, kmeans1d, sse
-from labelless import kmeans
+from labelless import LabellessError, kmeans, kmeans1d, sse
 from labelless.kmeans import EXACT_LIMIT, cluster
 
 try:

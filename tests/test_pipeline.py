@@ -14,8 +14,8 @@ TINY = {
     "teacher": {"limit": 512, "train": {"epochs": 1, "batch_size": 64}},
     "data": {"unlabeled_limit": 128, "test_limit": 128, "baseline_limit": 128},
     "sweep": {"clusters": [1, 4, 16], "limit": 32},
-    "search": {"max_drop": 25.0},
-    "retrain": {"epochs": 1, "batch_size": 64},
+    "search": {"max_drop": 25.0, "smaller_by": None, "after_retraining": 2, "retrain_images": 128},
+    "retrain": {"epochs": 1, "batch_size": 64, "min_holdout": 10},  # 13 of 128 images held out
 }
 
 
@@ -37,6 +37,10 @@ def test_run_writes_model_report_sweep_and_config(tmp_path, capsys):
     assert report["size_reduction"] == pytest.approx(1 - report["retrained_labelfree"]["bytes"] / report["original"]["bytes"])
     assert report["unlabeled_data"] == "mnist" and report["labeled_data"] == "fashion-mnist" and report["plan"]
     assert yaml.safe_load((out / "config.yaml").read_text())["sweep"]["clusters"] == [1, 4, 16]
+    searched = json.loads((out / "search.json").read_text())
+    rescored = [c for c in searched["alternatives"] if c["retrained_drop"] is not None]
+    assert len(rescored) == 2 and report["search"]["retrained_drop"] == searched["best"]["retrained_drop"]
+    assert searched["best"]["retrained_drop"] <= 25.0 or searched["best"]["bytes"] == max(c["bytes"] for c in rescored)
     printed = capsys.readouterr().out
     assert "retrained_labelfree" in printed and "size reduction" in printed
     won = report["retrained_labelfree"]["accuracy"] - report["quantized"]["accuracy"]

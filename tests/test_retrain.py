@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import dataclasses
 
 import pytest
 import torch
@@ -19,6 +20,7 @@ FAST = RetrainConfig(epochs=3, lr=3e-3, batch_size=64, cutmix=0.5, seed=1)
 @pytest.fixture(scope="module")
 def teacher():
     from conftest import TinyNet
+
     from labelless.train import TrainConfig, train_classifier
 
     torch.manual_seed(0)
@@ -210,3 +212,61 @@ def test_a_teacher_that_calls_most_images_one_class_is_warned_about(teacher, cap
     collapsed = torch.cat([balanced, torch.eye(10)[:1].repeat(60, 1)])  # 65 of 110 images in class 0
     assert warn_if_collapsed(collapsed, "the digits") == pytest.approx(65 / 110)
     assert "calls 59% of the digits class 0 (10 of 10 classes used)" in caplog.text
+
+
+# -- held-out selection: noise is not progress ---------------------------------------------------
+
+
+def _evidence(hits, losses):
+    from labelless.selection import Evidence
+
+    return Evidence(torch.tensor(hits, dtype=torch.bool), torch.tensor(losses, dtype=torch.float32))
+
+
+def test_a_gain_of_one_image_in_two_hundred_is_not_better():
+    from labelless.selection import significantly_better
+
+    old = _evidence([True] * 150 + [False] * 50, [0.5] * 200)
+    new = _evidence([True] * 151 + [False] * 49, [0.5] * 200)
+    assert not significantly_better(new, old)
+
+
+def test_a_clear_gain_in_hits_is_better_and_a_loss_in_hits_never_is():
+    from labelless.selection import significantly_better
+
+    old = _evidence([True] * 100 + [False] * 100, [0.5] * 200)
+    new = _evidence([True] * 130 + [False] * 70, [0.5] * 200)
+    assert significantly_better(new, old) and not significantly_better(old, new)
+    lower_loss_fewer_hits = _evidence([True] * 95 + [False] * 105, [0.1] * 200)
+    assert not significantly_better(lower_loss_fewer_hits, old)
+
+
+def test_the_same_hits_with_a_clearly_lower_loss_is_better_and_a_noisy_one_is_not():
+    from labelless.selection import significantly_better
+
+    generator = torch.Generator().manual_seed(0)
+    base = torch.rand(200, generator=generator)
+    hits = [True] * 120 + [False] * 80
+    old = _evidence(hits, base.tolist())
+    assert significantly_better(_evidence(hits, (base - 0.05).tolist()), old)
+    noisy = base + 0.3 * (torch.rand(200, generator=generator) - 0.5)
+    noisy[0] -= 0.2  # lower on average by a hair, far inside the noise
+    assert not significantly_better(_evidence(hits, noisy.tolist()), old)
+
+
+def test_too_few_held_out_images_keep_the_start_and_say_why(student, teacher, unlabeled):
+    few = torch.utils.data.Subset(unlabeled, range(300))  # 30 held out at the default 10%
+    result = retrain(copy.deepcopy(student), teacher, few, PRE, config=FAST)
+    assert result.skipped and "only 30 image(s) are held out" in result.skipped and "--holdout" in result.skipped
+    assert not result.history
+    assert all(torch.equal(a, b) for a, b in zip(result.model.state_dict().values(), student.state_dict().values()))
+    enough = retrain(copy.deepcopy(student), teacher, few, PRE, config=dataclasses.replace(FAST, min_holdout=30))
+    assert not enough.skipped and enough.history
+
+
+def test_an_epoch_not_significantly_better_leaves_the_start_in_place(student, teacher, unlabeled, monkeypatch):
+    import sys
+
+    monkeypatch.setattr(sys.modules["labelless.retrain"], "significantly_better", lambda new, old: False)
+    result = retrain(copy.deepcopy(student), teacher, unlabeled, PRE, config=FAST)
+    assert result.best_epoch == 0 and result.after == result.before and len(result.history) == FAST.epochs

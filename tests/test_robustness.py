@@ -579,7 +579,7 @@ RUN_CASES = {
     "bad value: max_drop": ("search: {max_drop: -1}\n", ("search.max_drop must be >= 0",)),
     "bad value: smaller_by": ("search: {smaller_by: 1.5}\n", ("smaller_by must be a fraction in [0, 1)",)),
     "another config version": ("version: 2\n", ("config version 2 is not one this labelless reads (1)",)),
-    "no search budget": ("search: {max_drop: null}\n", ("search needs a budget: max_drop, max_bytes or smaller_by",)),
+    "no search budget": ("search: {max_drop: null, smaller_by: null}\n", ("search needs a budget: max_drop, max_bytes or smaller_by",)),
     "bad value: entropy": ("storage: {entropy: zip}\n", ("storage.entropy must be 'none' or 'ans'",)),
     "bad value: clusters": ("sweep: {clusters: [0, 4]}\n", ("run config.sweep: clusters must be whole numbers >= 1",)),
     "bad value: limit": ("sweep: {limit: 0}\n", ("sweep.limit must be a whole number >= 1",)),

@@ -21,6 +21,7 @@ CLUSTERS = (1, 2, 4, 16)
 def tiny():
     """TinyNet trained for a few seconds on the 8x8 digits, so its predictions mean something."""
     from conftest import TinyNet
+
     from labelless.train import TrainConfig, train_classifier
 
     torch.manual_seed(0)
@@ -134,6 +135,41 @@ def test_a_size_target_as_a_fraction_of_fp32_bounds_the_file(swept, tiny, digits
     assert tighter.best.bytes <= 0.2 * fp32  # both given: the tighter one holds
     with pytest.raises(labelless.LabellessError, match="fraction in"):
         search(swept, make_evaluator(reference), smaller_by=1.5)
+
+
+def test_rescoring_after_retraining_picks_by_the_retrained_drop(swept, tiny, digits, preprocess):
+    from labelless.search import rescore
+
+    reference = prepare_reference(tiny, digits, preprocess, None, 64, torch.device("cpu"))
+    limit = swept.reference["fp32_bytes"] // 3
+    found = search(swept, make_evaluator(reference), max_bytes=limit)
+    fitting = sorted((c for c in found.alternatives if c.bytes <= limit), key=lambda c: c.measured_drop)
+    assert len(fitting) >= 2, "the test needs two plans that fit"
+    worst_before = fitting[1]  # retraining helps it most: it wins after retraining
+    seen = []
+
+    def retrained(candidate):
+        seen.append(candidate)
+        return 0.0 if candidate is worst_before else candidate.measured_drop
+
+    again = rescore(found, retrained, n=2)
+    assert again.best is worst_before and again.best.retrained_drop == 0.0
+    assert seen == fitting[:2] and all(c.bytes <= limit for c in seen)
+
+
+def test_rescoring_under_a_drop_budget_returns_the_smallest_plan_that_fits_after_retraining(swept, tiny, digits,
+                                                                                            preprocess):
+    from labelless.search import rescore
+
+    reference = prepare_reference(tiny, digits, preprocess, None, 64, torch.device("cpu"))
+    found = search(swept, make_evaluator(reference), max_drop=1.0)
+    smaller = [c for c in found.alternatives if c.bytes < found.best.bytes]
+    assert smaller, "the test needs a plan smaller than the answer"
+    again = rescore(found, lambda c: 0.5, n=3)  # every plan fits once retrained: the smallest in the pool wins
+    pool = sorted([c for c in found.alternatives if c.bytes <= found.best.bytes], key=lambda c: c.bytes)[-3:]
+    assert again.best is pool[0] and again.best.bytes < found.best.bytes
+    kept = rescore(found, lambda c: 5.0, n=3)  # none fits after retraining: the answer stands
+    assert kept.best is found.best
 
 
 def test_granularity_and_importance_are_options_the_search_can_pick(tmp_path, tiny, digits, preprocess):

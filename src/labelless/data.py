@@ -179,7 +179,7 @@ class _Source:
 
 def open_images(spec: str, *, split: str = "train", labeled: bool = False, size: int | None = None,
                 channels: int | None = None, limit: int | None = None, seed: int = 0,
-                skip_unreadable: bool = False) -> ImageSet:
+                skip_unreadable: bool = False, after: int = 0) -> ImageSet:
     """Open the images a spec names as an :class:`ImageSet` of uint8 ``(C, H, W)`` images.
 
     ``size``: folders are decoded with the shorter side resized to ``size`` and centre-cropped to
@@ -188,7 +188,9 @@ def open_images(spec: str, *, split: str = "train", labeled: bool = False, size:
     device, which keeps e.g. 60,000 Fashion-MNIST images small when a model wants 224 px.
     ``channels``: 1 (grayscale) or 3 (RGB); None keeps the source's own. ``limit``: a seeded
     random subset of that many images, kept in the source's order (the same seed gives the same
-    subset, and a smaller limit a subset of a larger one). ``skip_unreadable``: decode every file
+    subset, and a smaller limit a subset of a larger one). ``after``: skip the first ``after``
+    images of that seeded draw, so that ``limit=m, after=n`` is disjoint from ``limit=n`` (images
+    held apart from another stage's). ``skip_unreadable``: decode every file
     of a folder once and leave out those that fail, all named in one warning (by default the
     first such file is an error).
 
@@ -197,12 +199,17 @@ def open_images(spec: str, *, split: str = "train", labeled: bool = False, size:
         >>> photos = open_images("images:~/photos", size=224, channels=3).unlabeled()
     """
     _check_options(split, size, channels, limit)
+    if isinstance(after, bool) or not isinstance(after, int) or after < 0:
+        raise DataError(f"after must be a whole number >= 0, got {after!r}")
     kind, path = _parse(spec)
     source = _READERS[kind](path, split)
     if labeled and source.labels is None:
         raise DataError(f"{spec} has no labels: use imagefolder:PATH (one subfolder per class) or an npz with "
                         f"a `labels` array for labelled data, or open it with labeled=False")
-    keep = _subset(len(source), limit, seed)
+    keep = _subset(len(source), limit, seed, after)
+    if keep is not None and not len(keep):
+        raise DataError(f"{spec} ({split}) has {len(source)} images: none is left after the first {after} of the "
+                        "seeded draw; give more images or smaller limits")
     labels = source.labels[keep] if source.labels is not None and keep is not None else source.labels
     if source.images is not None:
         images = source.images if keep is None else source.images[keep]
@@ -285,12 +292,13 @@ def _parse(spec: str) -> tuple[str, Path | None]:
     raise DataError(f"unknown data spec {spec!r}: use one of {SPEC_FORMS}{hint}")
 
 
-def _subset(n: int, limit: int | None, seed: int) -> Tensor | None:
-    """Sorted indices of a seeded random subset of ``limit`` out of ``n`` (None: keep all)."""
-    if limit is None or limit >= n:
+def _subset(n: int, limit: int | None, seed: int, after: int = 0) -> Tensor | None:
+    """Sorted indices of a seeded random subset of ``limit`` out of ``n``, drawn after the first
+    ``after`` of the same seeded order (None: keep all)."""
+    if after == 0 and (limit is None or limit >= n):
         return None
     order = torch.randperm(n, generator=torch.Generator().manual_seed(seed))
-    return order[:limit].sort().values
+    return order[after:None if limit is None else after + limit].sort().values
 
 
 # -- arrays in memory ----------------------------------------------------------------------

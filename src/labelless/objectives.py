@@ -6,9 +6,9 @@ One retraining loop (:mod:`labelless.retrain`) takes one of these:
   images, with KL or MSE on the logits, CutMix, class balancing by the teacher's predictions and,
   on request, the teacher's intermediate outputs (:mod:`labelless.features`) and BatchNorm-refined
   images (:mod:`labelless.refine`). No label is read anywhere on this path. Held-out figures:
-  agreement with the teacher, then KL.
+  agreement with the teacher, then KL (per image, see :mod:`labelless.selection`).
 * :class:`CrossEntropy` (the conventional baseline): cross-entropy on labels. Held-out figure:
-  accuracy.
+  accuracy, then cross-entropy.
 
 An objective is bound to one run (:meth:`Objective.begin`) and released at its end
 (:meth:`Objective.end`); its options come from the run's :class:`~labelless.retrain.RetrainConfig`.
@@ -27,6 +27,7 @@ from .evaluate import accuracy, agreement, autocast, kl_divergence, warn_if_coll
 from .features import FeatureTaps, feature_loss, tap_names
 from .progress import progress
 from .refine import refine_images
+from .selection import Evidence
 
 if TYPE_CHECKING:  # pragma: no cover
     from .retrain import RetrainConfig, _Trainer
@@ -68,7 +69,8 @@ class Objective:
     def score(self, output: torch.Tensor, reference: torch.Tensor) -> dict[str, float]:
         raise NotImplementedError
 
-    def better(self, new: dict[str, float], old: dict[str, float]) -> bool:
+    def evidence(self, output: torch.Tensor, reference: torch.Tensor) -> Evidence:
+        """Per-image held-out hits and losses, for :func:`labelless.selection.significantly_better`."""
         raise NotImplementedError
 
     def end(self) -> None:
@@ -122,8 +124,10 @@ class Distillation(Objective):
     def score(self, output, reference):
         return {"agreement": agreement(output, reference), "kl": kl_divergence(reference, output)}
 
-    def better(self, new, old):
-        return (new["agreement"], -new["kl"]) > (old["agreement"], -old["kl"])
+    def evidence(self, output, reference):
+        per_image = F.kl_div(F.log_softmax(output.float(), 1), F.log_softmax(reference.float(), 1),
+                             log_target=True, reduction="none").sum(1)
+        return Evidence(output.argmax(1) == reference.argmax(1), per_image)
 
     def end(self) -> None:
         for taps in self.taps or ():
@@ -161,8 +165,8 @@ class CrossEntropy(Objective):
     def score(self, output, reference):
         return {"accuracy": accuracy(output, reference)}
 
-    def better(self, new, old):
-        return new["accuracy"] > old["accuracy"]
+    def evidence(self, output, reference):
+        return Evidence(output.argmax(1) == reference, F.cross_entropy(output.float(), reference, reduction="none"))
 
 
 def as_objective(target: Any) -> Objective:

@@ -9,6 +9,7 @@ already finished with the same settings is reused when the run is started again.
 from __future__ import annotations
 
 import copy
+import dataclasses
 import json
 import logging
 import time
@@ -34,7 +35,7 @@ from .quantize import quantize
 from .report import plot_search
 from .retrain import CrossEntropy, retrain
 from .runconfig import ModelSection, RunConfig
-from .search import make_evaluator, search
+from .search import make_evaluator, rescore, search
 from .sensitivity import prepare_reference, sweep
 from .train import train_classifier
 
@@ -52,6 +53,7 @@ class _Run:
     test_logits: torch.Tensor | None = None  # the teacher's, to measure agreement on the test set
     report: dict[str, Any] = field(default_factory=dict)
     timings: dict[str, float] = field(default_factory=dict)
+    quantized: dict[str, nn.Module] = field(default_factory=dict)  # by plan: made once, also by the search
 
 
 def run_pipeline(config: RunConfig) -> dict[str, Any]:
@@ -94,11 +96,11 @@ def _stage(run: _Run, name: str, step) -> Any:
     return result
 
 
-def _open(spec_text: str, split: str, labeled: bool, spec: ModelSpec, limit: int | None, seed: int):
+def _open(spec_text: str, split: str, labeled: bool, spec: ModelSpec, limit: int | None, seed: int, after: int = 0):
     from .data import open_images
 
     return open_images(spec_text, split=split, labeled=labeled, size=spec.image_size, channels=spec.in_channels,
-                       limit=limit, seed=seed)
+                       limit=limit, seed=seed, after=after)
 
 
 # -- stages --------------------------------------------------------------------------------
@@ -167,7 +169,15 @@ def _importance(run: _Run, preprocess) -> dict[str, torch.Tensor] | None:
 
 
 def _quantized(run: _Run, plan, importance, preprocess) -> nn.Module:
-    """The plan applied; then, as configured, compensated and BatchNorm-corrected on the unlabelled images."""
+    """The plan applied; then, as configured, compensated and BatchNorm-corrected on the unlabelled
+    images (once per plan in a run: a plan the search already made is handed back)."""
+    key = json.dumps(plan.to_data(), sort_keys=True)
+    if key not in run.quantized:
+        run.quantized[key] = _quantize(run, plan, importance, preprocess)
+    return run.quantized[key]
+
+
+def _quantize(run: _Run, plan, importance, preprocess) -> nn.Module:
     model = quantize(run.teacher, plan, importance=importance)
     cfg = run.config.quantize
     if cfg.compensate or cfg.correct_bn:
@@ -203,6 +213,8 @@ def _search(run: _Run, result, unlabeled, preprocess, importance):
     reference.importance = importance
     found = search(result, make_evaluator(reference, section.metric), max_drop=section.max_drop, metric=section.metric,
                    max_bytes=section.max_bytes, smaller_by=section.smaller_by)
+    if section.after_retraining:
+        found = rescore(found, _after_retraining(run, reference, preprocess, importance), n=section.after_retraining)
     plan = found.best.plan()
     plan.save(run.out / "plan.yaml", header=_plan_header(found))
     atomic_write_json(run.out / "search.json", found.to_dict())
@@ -210,8 +222,25 @@ def _search(run: _Run, result, unlabeled, preprocess, importance):
     run.report["search"] = {"max_drop": section.max_drop, "max_bytes": section.max_bytes,
                             "smaller_by": section.smaller_by, "metric": section.metric,
                             "measured_drop": found.best.measured_drop, "predicted_drop": found.best.predicted_drop,
+                            "retrained_drop": found.best.retrained_drop, "after_retraining": section.after_retraining,
                             "alternatives": len(found.alternatives)}
     return plan
+
+
+def _after_retraining(run: _Run, reference, preprocess, importance):
+    """``drop(candidate)``: its plan quantized as the run quantizes, retrained briefly label-free on
+    images held apart from the sweep's, then its agreement drop on the sweep's images."""
+    section, data = run.config.search, run.config.data
+    images = _open(data.unlabeled, "train", False, run.spec, section.retrain_images, run.config.seed,
+                   after=run.config.sweep.limit).unlabeled()
+    config = dataclasses.replace(run.config.retrain, epochs=section.retrain_epochs)
+
+    def drop(candidate) -> float:
+        model = copy.deepcopy(_quantized(run, candidate.plan(), importance, preprocess))
+        result = retrain(model, run.teacher, images, preprocess, config=config, device=run.device)
+        return 100.0 - reference.agreement_of(result.model)
+
+    return drop
 
 
 def _plan_header(found) -> str:

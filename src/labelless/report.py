@@ -99,7 +99,12 @@ def plot_search(found: Any, fp32_bytes: int, path: Any) -> None:
     figure, ax = plt.subplots(figsize=(6, 4.2))
     plans, best = found.alternatives, found.best
     ax.plot([c.bytes / fp32_bytes for c in plans], [c.measured_drop for c in plans], "o-", ms=4, label="measured plans")
-    ax.scatter([best.bytes / fp32_bytes], [best.measured_drop], s=140, facecolors="none", edgecolors="crimson",
+    rescored = [c for c in plans if c.retrained_drop is not None]
+    if rescored:
+        ax.scatter([c.bytes / fp32_bytes for c in rescored], [c.retrained_drop for c in rescored], marker="^",
+                   color="seagreen", zorder=3, label="after a short label-free retraining")
+    shown = best.measured_drop if best.retrained_drop is None else best.retrained_drop
+    ax.scatter([best.bytes / fp32_bytes], [shown], s=140, facecolors="none", edgecolors="crimson",
                linewidths=2, zorder=3, label=f"chosen: {100 * (1 - best.bytes / fp32_bytes):.1f}% smaller")
     if found.max_drop is not None:
         ax.axhline(found.max_drop, ls="--", color="gray", label=f"budget {found.max_drop} points")
@@ -195,8 +200,10 @@ def run_markdown(report: dict[str, Any]) -> str:
         lines += ["", recovery]
     if "search" in report:
         s = report["search"]
+        after = (f", {s['retrained_drop']:.2f} after a short label-free retraining (the best of the "
+                 f"{s['after_retraining']} plans judged so)" if s.get("retrained_drop") is not None else "")
         lines += ["", f"Plan search: budget {_budget(s)}, measured drop "
-                  f"{s['measured_drop']:.2f} (predicted {s['predicted_drop']:.2f}); see `plan.yaml`, `search.json`, "
+                  f"{s['measured_drop']:.2f} (predicted {s['predicted_drop']:.2f}){after}; see `plan.yaml`, `search.json`, "
                   "`search.png`, `sweep/heatmap.png`, `sweep/pareto.png`.", "",
                   "![the plans the search measured](search.png)", "", "![sensitivity](sweep/heatmap.png)",
                   "", "![size against fidelity, one tensor at a time](sweep/pareto.png)"]

@@ -22,8 +22,10 @@ Defaults, and why:
 * ``features=0``: logits only by default. ``features=w`` adds ``w`` times the normalised
   squared error between every layer's output and the teacher's on the same images
   (:mod:`labelless.features`); the teacher then runs on every batch.
-* part of the unlabelled data is held out; the state with the best agreement with the
-  teacher on it is kept, so retraining never hands back a model worse than it started.
+* part of the unlabelled data is held out; a later epoch replaces the kept state only when it
+  agrees with the teacher better on those images beyond their noise (:mod:`labelless.selection`),
+  so retraining never hands back a model worse than it started on them; with fewer than
+  ``min_holdout`` held-out images it keeps the starting model and says why.
 
 A checkpoint is written every epoch; a run killed midway resumes from its last one and
 ends with the same result as an uninterrupted run (deterministic under a seed on CPU).
@@ -60,6 +62,7 @@ from .models import state_digest, tensor_bytes
 from .objectives import CrossEntropy, Distillation, Objective, as_objective
 from .progress import progress
 from .quantize import quantized_tensors
+from .selection import MIN_HOLDOUT, Evidence, significantly_better, too_few_held_out
 
 __all__ = ["RetrainConfig", "RetrainResult", "retrain", "trainable_parameters", "Objective", "Distillation",
            "CrossEntropy"]
@@ -86,6 +89,8 @@ class RetrainConfig:
     balance: bool = option(True, "label-free: resample so that the teacher's predicted classes are balanced")
     cutmix: float = option(0.5, "label-free: probability that a batch is CutMix-ed (0: off)")
     holdout: float = option(0.1, "fraction of the images held out to pick the best epoch")
+    min_holdout: int = option(MIN_HOLDOUT, "held-out images needed to pick an epoch (fewer: the starting model "
+                                           "is kept, with the reason)")
     tune_centroids: bool = option(False, "also learn the codebook values (indices stay; the size too)")
     centroid_lr: float = option(1e-4, "learning rate of the codebook values, with --tune-centroids")
     refine_steps: int = option(0, "label-free: first pull the images toward the teacher's BatchNorm statistics "
@@ -107,6 +112,8 @@ class RetrainConfig:
             (self.bn in ("frozen", "update"), f"bn must be frozen or update, got {self.bn!r}"),
             (0 <= self.cutmix <= 1, "cutmix is a probability in [0, 1]"),
             (0 < self.holdout < 1, "holdout is a fraction in (0, 1)"),
+            (isinstance(self.min_holdout, int) and self.min_holdout >= 1,
+             f"min_holdout must be a whole number >= 1, got {self.min_holdout!r}"),
             (self.refine_steps >= 0, "refine_steps must be >= 0"),
             (self.features >= 0, "features (the feature-matching weight) must be >= 0"),
         ]
@@ -175,6 +182,12 @@ def retrain(
         log.warning("%s: the model is handed back unchanged (tune_centroids would learn the codebooks)",
                     NOTHING_TO_RETRAIN)
         return RetrainResult(model=student, before={}, after={}, best_epoch=0, skipped=NOTHING_TO_RETRAIN)
+    n_images = len(data)  # under 2 images the trainer says what is wrong with the data
+    too_few = n_images >= 2 and too_few_held_out(_holdout_size(n_images, config.holdout), config.min_holdout,
+                                                 config.holdout)
+    if too_few:
+        log.warning("retraining skipped: %s", too_few)
+        return RetrainResult(model=student, before={}, after={}, best_epoch=0, skipped=too_few)
     on = device or next(student.parameters()).device
     data = objective.prepare(data, preprocess, config, on)
     return _Trainer(student, params, objective, data, preprocess, config, checkpoint_dir, on).run()
@@ -230,10 +243,11 @@ class _Trainer:
             loss, n = self._epoch(epoch, weights)
             state.update(epoch=epoch, seconds=state["seconds"] + time.perf_counter() - start,
                          images=state["images"] + n)
-            figures = self._score(hold)
+            figures, evidence = self._score(hold)
             self.history.append({"epoch": epoch, "loss": loss, **figures})
-            if self.objective.better(figures, state["best"]["figures"]):
-                state["best"] = {"epoch": epoch, "figures": figures, "state": self._trainable_state()}
+            if significantly_better(evidence, Evidence.from_dict(state["best"]["evidence"])):
+                state["best"] = {"epoch": epoch, "figures": figures, "evidence": evidence.to_dict(),
+                                 "state": self._trainable_state()}
             self._save(state)
         return state
 
@@ -292,8 +306,10 @@ class _Trainer:
                 chunks.append(self.student(self.input(self.source.batch(batch_idx)[0])).float().cpu())
         return distributed.gather_blocks(_cat(chunks))
 
-    def _score(self, hold: torch.Tensor) -> dict[str, float]:
-        return self.objective.score(self._outputs(self.hold_idx), hold)
+    def _score(self, hold: torch.Tensor) -> tuple[dict[str, float], Evidence]:
+        """The held-out figures and the per-image evidence that epoch selection weighs."""
+        outputs = self._outputs(self.hold_idx)
+        return self.objective.score(outputs, hold), self.objective.evidence(outputs, hold)
 
     # -- state and checkpoints -----------------------------------------------------------
 
@@ -331,7 +347,7 @@ class _Trainer:
         return saved
 
     def _fresh_state(self, hold: torch.Tensor) -> dict[str, Any]:
-        before = self._score(hold)
+        before, evidence = self._score(hold)
         return {
             "identity": _identity(self.config, self.objective.kind, (self.student, self.objective.teacher),
                                   _data_digest(self.source, self.preprocess)),
@@ -339,7 +355,7 @@ class _Trainer:
             "seconds": 0.0,
             "images": 0,
             "before": before,
-            "best": {"epoch": 0, "figures": before, "state": self._trainable_state()},
+            "best": {"epoch": 0, "figures": before, "evidence": evidence.to_dict(), "state": self._trainable_state()},
         }
 
     def _save(self, state: dict[str, Any]) -> None:
@@ -425,10 +441,15 @@ def _optimizer(student: nn.Module, params: list[nn.Parameter], config: RetrainCo
 def _split(n: int, holdout: float, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Seeded (train, holdout) index split; the holdout gets at least one image."""
     order = torch.randperm(n, generator=torch.Generator().manual_seed(seed))
-    n_hold = min(max(1, round(n * holdout)), n - 1) if n > 1 else 0
+    n_hold = _holdout_size(n, holdout)
     if n_hold == 0:
         raise LabellessError("retraining needs at least 2 images (some are held out to pick the best epoch)")
     return order[n_hold:].sort().values, order[:n_hold].sort().values
+
+
+def _holdout_size(n: int, holdout: float) -> int:
+    """Images the split holds out of ``n``: at least one, and one left to train on."""
+    return min(max(1, round(n * holdout)), n - 1) if n > 1 else 0
 
 
 def _order(indices: torch.Tensor, weights: torch.Tensor | None, generator: torch.Generator) -> torch.Tensor:

@@ -30,13 +30,18 @@ __all__ = ["RunConfig", "ModelSection", "TeacherSection", "DataSection", "SweepS
            "SearchSection", "StorageSection", "CONFIG_VERSION"]
 
 
-def _at_least_one(name: str, value: int | None, nullable: str = "") -> None:
-    """A one-line error unless ``value`` is a whole number >= 1 (or None, when ``nullable`` says what null means)."""
+def _at_least_one(name: str, value: int | None, nullable: str = "", least: int = 1) -> None:
+    """A one-line error unless ``value`` is a whole number >= ``least`` (or None, when ``nullable``
+    says what null means)."""
     if value is None and nullable:
         return
-    if value is None or isinstance(value, bool) or not isinstance(value, int) or value < 1:
+    if value is None or isinstance(value, bool) or not isinstance(value, int) or value < least:
         null = f" (or null for {nullable})" if nullable else ""
-        raise LabellessError(f"{name} must be a whole number >= 1{null}, got {value!r}")
+        raise LabellessError(f"{name} must be a whole number >= {least}{null}, got {value!r}")
+
+
+def _at_least_zero(name: str, value: int) -> None:
+    _at_least_one(name, value, least=0)
 
 
 def _limit(name: str, value: int | None) -> None:
@@ -73,7 +78,7 @@ class DataSection:
     unlabeled: str = option("mnist", 'the label-free retraining set (train split)')
     unlabeled_limit: int | None = option(2000, 'images of it used (null: all)')
     test: str = option("fashion-mnist", 'labelled evaluation set (test split)')
-    test_limit: int | None = option(2000, 'test images scored (null: all)')
+    test_limit: int | None = option(None, 'test images scored (null: all)')
     baseline: str = option("fashion-mnist", 'labelled retraining set of the baseline (train split)')
     baseline_limit: int | None = option(2000, 'images of it used (null: all)')
 
@@ -117,13 +122,21 @@ class QuantizeSection:
 
 @dataclass(frozen=True)
 class SearchSection:
-    max_drop: float | None = option(1.0, 'points of top-1 agreement (or accuracy) the plan may cost')
+    max_drop: float | None = option(None, 'points of top-1 agreement the plan may cost (null: no such budget)')
     metric: str = option("agreement", 'what the drop is measured in: agreement with the teacher (no label)')
     plan: str | None = option(None, 'a fixed plan file instead of sweep + search')
     max_bytes: int | None = option(None, 'size budget of the file')
-    smaller_by: float | None = option(None, 'size budget as the share of the fp32 size saved (0.93: 93% smaller)')
+    smaller_by: float | None = option(0.95, 'size budget as the share of the fp32 size saved (0.95: 95% smaller; '
+                                            'null: no size budget)')
+    after_retraining: int = option(2, 'plans nearest the answer judged again after a short label-free retraining '
+                                      '(0: judge them as quantized)')
+    retrain_images: int = option(1000, 'unlabelled images of that short retraining, held apart from the sweep\'s')
+    retrain_epochs: int = option(1, 'epochs of that short retraining')
 
     def __post_init__(self) -> None:
+        _at_least_zero("search.after_retraining", self.after_retraining)
+        _at_least_one("search.retrain_images", self.retrain_images)
+        _at_least_one("search.retrain_epochs", self.retrain_epochs)
         if self.plan is None and self.max_drop is None and self.max_bytes is None and self.smaller_by is None:
             raise LabellessError("search needs a budget: max_drop, max_bytes or smaller_by (or a fixed plan)")
         if self.smaller_by is not None:

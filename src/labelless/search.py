@@ -9,7 +9,9 @@ plan does. The search
 2. walks that ladder by bisection, *measuring* each plan it visits on the sweep's images
    (top-1 agreement with the original model, or accuracy when labels were given);
 3. returns the smallest plan whose measured drop is within the budget, with every measured
-   plan as a Pareto list of alternatives (size, predicted drop, measured drop).
+   plan as a Pareto list of alternatives (size, predicted drop, measured drop);
+4. on request (:func:`rescore`), judges the few plans nearest the answer again by their drop
+   *after* a short label-free retraining, since the retrained model is what a user ships.
 """
 
 from __future__ import annotations
@@ -26,7 +28,7 @@ from .errors import LabellessError
 from .plan import Plan, TensorChoice
 from .sensitivity import Reference, SweepResult, SweepRow, scores_of, variant
 
-__all__ = ["Candidate", "SearchResult", "search", "ladder", "make_evaluator", "size_budget"]
+__all__ = ["Candidate", "SearchResult", "search", "rescore", "ladder", "make_evaluator", "size_budget"]
 
 log = logging.getLogger(__name__)
 
@@ -44,6 +46,7 @@ class Candidate:
     bytes: int | None = None  # the real .lless size, once measured
     measured_drop: float | None = None  # points below the original, once measured
     measured: dict[str, float] | None = None
+    retrained_drop: float | None = None  # points below the original after a short label-free retraining
 
     def plan(self) -> Plan:
         return Plan.from_choice(self.choice)
@@ -61,11 +64,13 @@ class SearchResult:
     alternatives: list[Candidate]  # every measured plan, smallest first
     max_drop: float | None
     metric: str
+    max_bytes: int | None = None  # the size budget in bytes, when there was one
 
     def to_dict(self) -> dict[str, Any]:
         return {
             "metric": self.metric,
             "max_drop": self.max_drop,
+            "max_bytes": self.max_bytes,
             "best": self.best.to_dict(),
             "alternatives": [c.to_dict() for c in self.alternatives],
         }
@@ -119,7 +124,39 @@ def search(
     if not fits:
         raise LabellessError(_nothing_fits(metric, max_drop, max_bytes))
     chosen = min(fits, key=lambda c: c.bytes) if max_drop is not None else min(fits, key=lambda c: (c.measured_drop, c.bytes))
-    return SearchResult(chosen, sorted(measured.values(), key=lambda c: c.bytes), max_drop, metric)
+    return SearchResult(chosen, sorted(measured.values(), key=lambda c: c.bytes), max_drop, metric, max_bytes)
+
+
+def rescore(found: SearchResult, retrained_drop: Callable[[Candidate], float], *, n: int = 4) -> SearchResult:
+    """``found`` with its answer chosen again by each plan's drop after retraining.
+
+    ``retrained_drop(candidate)`` retrains that plan briefly, label-free, and returns its drop
+    in points on held-apart images. Under a drop budget, the ``n`` largest measured plans up to
+    the answer's size are retrained and the smallest whose retrained drop fits is kept (the
+    answer itself when none does); under a size budget alone, the ``n`` fitting plans with the
+    smallest measured drop are, and the one with the smallest retrained drop is kept.
+    """
+    if n < 1:
+        raise LabellessError(f"rescore needs n >= 1 plans, got {n}")
+    pool = _rescore_pool(found, n)
+    for candidate in pool:
+        candidate.retrained_drop = float(retrained_drop(candidate))
+        log.info("after retraining: %d bytes, measured drop %.2f -> %.2f points", candidate.bytes,
+                 candidate.measured_drop, candidate.retrained_drop)
+    if found.max_drop is None:
+        best = min(pool, key=lambda c: (c.retrained_drop, c.bytes))
+    else:
+        fits = [c for c in pool if c.retrained_drop <= found.max_drop]
+        best = min(fits, key=lambda c: c.bytes) if fits else found.best
+    return dataclasses.replace(found, best=best)
+
+
+def _rescore_pool(found: SearchResult, n: int) -> list[Candidate]:
+    fitting = [c for c in found.alternatives if found.max_bytes is None or c.bytes <= found.max_bytes]
+    if found.max_drop is None:
+        return sorted(fitting, key=lambda c: (c.measured_drop, c.bytes))[:n]
+    smaller = [c for c in fitting if c.bytes <= found.best.bytes]  # the answer and the plans it beat
+    return sorted(smaller, key=lambda c: c.bytes)[-n:]
 
 
 def size_budget(fp32_bytes: int, smaller_by: float) -> int:

@@ -156,9 +156,14 @@ class Reference:
     sizer: FileSizer
     importance: dict[str, torch.Tensor] | None = None  # label-free weights of the k-means
 
-    def run(self, batches: list[torch.Tensor]) -> torch.Tensor:
+    def run(self, batches: list[torch.Tensor], model: nn.Module | None = None) -> torch.Tensor:
+        """Logits of ``model`` (by default the original, as the sweep has modified it) on ``batches``."""
         with torch.no_grad():
-            return torch.cat([_run(self.model, x, self.device) for x in batches])
+            return torch.cat([_run(model or self.model, x, self.device) for x in batches])
+
+    def agreement_of(self, model: nn.Module) -> float:
+        """Top-1 agreement of another model (a retrained student) with the original on these images."""
+        return agreement(self.run(self.inputs, model.to(self.device).eval()), self.teacher)
 
     def measure(self) -> dict[str, float]:
         """Agreement and KL with the original on the unlabelled images; accuracy if labelled."""

@@ -76,23 +76,16 @@ def run(args: argparse.Namespace) -> int:
     test = _test_set(args, spec)
     before = _accuracy(student, test, preprocess, device)
     result = _retrain(args, spec, student, teacher, preprocess, config, checkpoints, device)
-    if result.skipped:
-        return _skip(args, result.model)
-    after = _accuracy(result.model, test, preprocess, device)
+    after = before if result.skipped else _accuracy(result.model, test, preprocess, device)
     if distributed.is_main():
         save(result.model, args.output, **storage_kwargs(args))
         summary = dict(result.summary(), test_accuracy_before=before, test_accuracy_after=after)
         atomic_write_json(f"{args.output}.json", summary)
         write_config(f"{args.output}.config.json", args, retrain=dataclasses.asdict(config))
-    _print(result, before, after, args.output)
-    return 0
-
-
-def _skip(args: argparse.Namespace, student) -> int:
-    """Nothing was left to retrain (retrain said why): write the quantized model unchanged."""
-    if distributed.is_main():
-        save(student, args.output, **storage_kwargs(args))
-    print(f"nothing left to retrain; wrote {args.output} unchanged")
+    if result.skipped:  # retrain said why; the quantized model is written unchanged
+        print(f"not retrained: {result.skipped}; wrote {args.output} unchanged")
+    else:
+        _print(result, before, after, args.output)
     return 0
 
 
