@@ -21,7 +21,7 @@ TINY = {
 
 @pytest.mark.skipif(not __import__("pathlib").Path("/usr/share/datasets/fashion-mnist").is_dir(),
                     reason="needs the Fashion-MNIST package")
-def test_run_writes_model_report_sweep_and_config(tmp_path, capsys):
+def test_run_writes_model_report_sweep_and_config(tmp_path, capsys, caplog):
     config = tmp_path / "tiny.yaml"
     config.write_text(yaml.safe_dump(dict(TINY, out=str(tmp_path / "out"))))
     assert main(["run", str(config)]) == 0
@@ -46,3 +46,10 @@ def test_run_writes_model_report_sweep_and_config(tmp_path, capsys):
     won = report["retrained_labelfree"]["accuracy"] - report["quantized"]["accuracy"]
     assert f"label-free retraining won back {won:+.2f}" in printed  # the recovery, said in points
     assert f"won back {won:+.2f}" in (out / "report.md").read_text()
+    plan = (out / "plan.yaml").read_text()
+    with caplog.at_level("INFO", logger="labelless"):
+        assert main(["run", str(config)]) == 0  # again: teacher, sweep and search reused
+    assert any("reusing the plan searched earlier" in r.getMessage() for r in caplog.records)
+    again = json.loads((out / "report.json").read_text())
+    assert (out / "plan.yaml").read_text() == plan and again["search"] == report["search"]
+    assert again["quantized"]["accuracy"] == report["quantized"]["accuracy"]

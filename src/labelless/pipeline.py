@@ -203,10 +203,30 @@ def _plan(run: _Run, preprocess, importance):
                 "importance": cfg.importance_images if importance is not None else None}
     result = sweep(run.teacher, unlabeled, preprocess, config=sweep_config, out_dir=run.out / "sweep",
                    identity=identity, device=run.device, importance=importance)
-    return distributed.on_main(lambda: _search(run, result, unlabeled, preprocess, importance))  # the others wait
+    identity = dict(identity, sweep=to_mapping(cfg), search=to_mapping(run.config.search),
+                    quantize=to_mapping(run.config.quantize), retrain=to_mapping(run.config.retrain))
+    return distributed.on_main(lambda: _cached_search(run, identity) or _search(run, result, unlabeled, preprocess,
+                                                                              importance, identity))  # the others wait
 
 
-def _search(run: _Run, result, unlabeled, preprocess, importance):
+def _cached_search(run: _Run, identity: dict[str, Any]):
+    """The plan ``plan.yaml`` holds when ``search.json`` was written by a search of these very
+    settings (the same teacher, sweep, budgets, quantization and retraining), else None."""
+    plan_file, found_file = run.out / "plan.yaml", run.out / "search.json"
+    if not (plan_file.is_file() and found_file.is_file()):
+        return None
+    try:
+        saved = json.loads(found_file.read_text())
+    except (OSError, ValueError):
+        return None
+    if saved.get("identity") != json.loads(json.dumps(identity)) or "summary" not in saved:
+        return None
+    log.info("reusing the plan searched earlier with the same settings (%s)", plan_file)
+    run.report["search"] = saved["summary"]
+    return load_plan(plan_file)
+
+
+def _search(run: _Run, result, unlabeled, preprocess, importance, identity: dict[str, Any]):
     """Measure plans on the sweep's images (rank 0 alone) and write plan.yaml and search.json."""
     section, cfg = run.config.search, run.config.sweep
     reference = prepare_reference(run.teacher, unlabeled, preprocess, None, cfg.batch_size, run.device)
@@ -216,14 +236,14 @@ def _search(run: _Run, result, unlabeled, preprocess, importance):
     if section.after_retraining:
         found = rescore(found, _after_retraining(run, reference, preprocess, importance), n=section.after_retraining)
     plan = found.best.plan()
-    plan.save(run.out / "plan.yaml", header=_plan_header(found))
-    atomic_write_json(run.out / "search.json", found.to_dict())
-    plot_search(found, result.reference["fp32_bytes"], run.out / "search.png")
     run.report["search"] = {"max_drop": section.max_drop, "max_bytes": section.max_bytes,
                             "smaller_by": section.smaller_by, "metric": section.metric,
                             "measured_drop": found.best.measured_drop, "predicted_drop": found.best.predicted_drop,
                             "retrained_drop": found.best.retrained_drop, "after_retraining": section.after_retraining,
                             "alternatives": len(found.alternatives)}
+    plan.save(run.out / "plan.yaml", header=_plan_header(found))
+    plot_search(found, result.reference["fp32_bytes"], run.out / "search.png")
+    atomic_write_json(run.out / "search.json", dict(found.to_dict(), identity=identity, summary=run.report["search"]))
     return plan
 
 
@@ -245,8 +265,11 @@ def _after_retraining(run: _Run, reference, preprocess, importance):
 
 def _plan_header(found) -> str:
     best = found.best
+    after = "" if best.retrained_drop is None else f", {best.retrained_drop:.2f} after a short label-free retraining"
+    budget = ", ".join(text for text in (f"{found.max_drop} points" if found.max_drop is not None else "",
+                                         f"{found.max_bytes} bytes" if found.max_bytes is not None else "") if text)
     return (f"found by labelless search: {best.bytes} bytes, measured {found.metric} drop "
-            f"{best.measured_drop:.2f} points (budget {found.max_drop}), predicted {best.predicted_drop:.2f}")
+            f"{best.measured_drop:.2f} points{after} (budget {budget}), predicted {best.predicted_drop:.2f}")
 
 
 def _evaluate(run: _Run, model: nn.Module, test, preprocess, filename: str) -> dict[str, Any]:

@@ -237,8 +237,8 @@ class _Trainer:
     def _train(self, hold: torch.Tensor, weights: torch.Tensor | None) -> dict[str, Any]:
         """Every epoch not done yet; the state of the best one (by the objective) is kept."""
         state = self._resume(hold)
-        first, kind = state["epoch"] + 1, self.objective.kind
-        for epoch in progress(range(first, self.config.epochs + 1), desc=f"retrain ({kind})", unit="epoch"):
+        first = state["epoch"] + 1
+        for epoch in range(first, self.config.epochs + 1):
             start = time.perf_counter()
             loss, n = self._epoch(epoch, weights)
             state.update(epoch=epoch, seconds=state["seconds"] + time.perf_counter() - start,
@@ -258,7 +258,9 @@ class _Trainer:
         order = distributed.sampler_shard(_order(self.train_idx, weights, generator))  # this rank's share
         self.model.train(self.config.bn == "update")
         total, count = 0.0, 0
-        for batch_idx in order.split(self.config.batch_size):
+        batches = order.split(self.config.batch_size)
+        desc = f"retrain ({self.objective.kind}) epoch {epoch}/{self.config.epochs}"
+        for batch_idx in progress(batches, desc=desc, unit="batch"):
             loss = self._step(batch_idx, generator)
             if distributed.world_size() > 1:  # every rank sees the same mean, so all stop together
                 loss = distributed.mean(torch.tensor(loss, dtype=torch.float64, device=self.device)).item()

@@ -102,13 +102,15 @@ def search(
     _check_budget(max_drop, max_bytes)
     rungs = [r for r in ladder(result, metric) if max_bytes is None or r.predicted_bytes <= max_bytes]
     measured: dict[int, Candidate] = {}
+    walk = "the largest that fit" if max_drop is None else "bisection, then its neighbours"
 
     def measure(i: int) -> Candidate:
         if i not in measured:
             candidate = rungs[i]
             candidate.bytes, candidate.measured_drop, candidate.measured = evaluate(candidate.choice)
-            log.info("plan %d/%d: %d bytes, predicted drop %.2f, measured %.2f points",
-                     i + 1, len(rungs), candidate.bytes, candidate.predicted_drop, candidate.measured_drop)
+            log.info("measured rung %d of the %d-plan size ladder (%s): %d bytes, predicted drop %.2f, "
+                     "measured %.2f points", i + 1, len(rungs), walk, candidate.bytes, candidate.predicted_drop,
+                     candidate.measured_drop)
             measured[i] = candidate
         return measured[i]
 
