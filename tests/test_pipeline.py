@@ -53,3 +53,20 @@ def test_run_writes_model_report_sweep_and_config(tmp_path, capsys, caplog):
     again = json.loads((out / "report.json").read_text())
     assert (out / "plan.yaml").read_text() == plan and again["search"] == report["search"]
     assert again["quantized"]["accuracy"] == report["quantized"]["accuracy"]
+
+
+def test_the_search_judges_plans_as_quantized_when_no_image_is_left_apart_from_the_sweeps(caplog):
+    import dataclasses
+
+    import torch
+
+    from labelless import pipeline
+    from labelless.models import ModelSpec
+    from labelless.runconfig import DataSection, RunConfig, SweepSection
+
+    # the sweep takes more than the 8x8 digits' 1,437 training images: none is left to retrain on
+    config = RunConfig(sweep=SweepSection(limit=5000), data=dataclasses.replace(DataSection(), unlabeled="digits"))
+    run = pipeline._Run(config, None, torch.device("cpu"), spec=ModelSpec("resnet18", in_channels=1, image_size=8))
+    with caplog.at_level("WARNING", logger="labelless"):
+        assert pipeline._after_retraining(run, None, None, None) is None
+    assert any("judges plans as quantized" in r.getMessage() for r in caplog.records)

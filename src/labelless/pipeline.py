@@ -25,6 +25,7 @@ from . import distributed
 from .bncorrect import correct_batchnorm
 from .compensate import compensate
 from .config import to_mapping
+from .errors import DataError
 from .evaluate import accuracy, agreement, predict, resolve_device
 from .fileformat import save
 from .importance import fisher_importance
@@ -233,8 +234,9 @@ def _search(run: _Run, result, unlabeled, preprocess, importance, identity: dict
     reference.importance = importance
     found = search(result, make_evaluator(reference, section.metric), max_drop=section.max_drop, metric=section.metric,
                    max_bytes=section.max_bytes, smaller_by=section.smaller_by)
-    if section.after_retraining:
-        found = rescore(found, _after_retraining(run, reference, preprocess, importance), n=section.after_retraining)
+    drop = _after_retraining(run, reference, preprocess, importance) if section.after_retraining else None
+    if drop is not None:
+        found = rescore(found, drop, n=section.after_retraining)
     plan = found.best.plan()
     run.report["search"] = {"max_drop": section.max_drop, "max_bytes": section.max_bytes,
                             "smaller_by": section.smaller_by, "metric": section.metric,
@@ -251,8 +253,13 @@ def _after_retraining(run: _Run, reference, preprocess, importance):
     """``drop(candidate)``: its plan quantized as the run quantizes, retrained briefly label-free on
     images held apart from the sweep's, then its agreement drop on the sweep's images."""
     section, data = run.config.search, run.config.data
-    images = _open(data.unlabeled, "train", False, run.spec, section.retrain_images, run.config.seed,
-                   after=run.config.sweep.limit).unlabeled()
+    try:
+        images = _open(data.unlabeled, "train", False, run.spec, section.retrain_images, run.config.seed,
+                       after=run.config.sweep.limit).unlabeled()
+    except DataError as exc:
+        log.warning("the search judges plans as quantized: no unlabelled image is left apart from the sweep's (%s)",
+                    exc)
+        return None
     config = dataclasses.replace(run.config.retrain, epochs=section.retrain_epochs)
 
     def drop(candidate) -> float:
