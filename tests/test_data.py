@@ -429,3 +429,16 @@ def test_nothing_is_downloaded_unless_asked(monkeypatch, caplog):
     with caplog.at_level(logging.INFO, logger="labelless"):
         assert REAL_DOWNLOAD("MNIST", "train") is None  # the real function: the autouse stub replaced the module's
     assert "downloads nothing unless LABELLESS_DOWNLOAD=1" in caplog.text
+
+
+def test_a_conversion_between_grayscale_and_rgb_is_said_in_one_line(tmp_path, caplog):
+    _png(tmp_path / "photos" / "a.png", (4, 4))
+    _png(tmp_path / "photos" / "b.png", (4, 4))
+    _png(tmp_path / "photos" / "c.png", (4, 4), mode="L")
+    with caplog.at_level("INFO", logger="labelless.data"):
+        open_images(f"images:{tmp_path / 'photos'}", channels=1)
+        open_images("digits", channels=3, limit=10)
+        open_images("digits", channels=1, limit=10)  # as stored: nothing to say
+    said = [r.getMessage() for r in caplog.records if "converted to" in r.getMessage()]
+    assert len(said) == 2
+    assert "2 image(s) converted to grayscale" in said[0] and "10 image(s) converted to RGB" in said[1]

@@ -213,7 +213,7 @@ def open_images(spec: str, *, split: str = "train", labeled: bool = False, size:
     labels = source.labels[keep] if source.labels is not None and keep is not None else source.labels
     if source.images is not None:
         images = source.images if keep is None else source.images[keep]
-        images = _array_channels(_fit_array(images, size), channels)  # shrink first, then add channels
+        images = _array_channels(_fit_array(images, size), channels, spec)  # shrink first, then add channels
         data = ImageSet(spec, images.contiguous(), labels, source.classes, labeled=labeled)
     else:
         files = source.files if keep is None else [source.files[i] for i in keep.tolist()]
@@ -315,11 +315,19 @@ def _chunked(images: Tensor, step: Callable[[Tensor], Tensor]) -> Tensor:
     return torch.cat([step(part) for part in images.split(_CHUNK)]) if len(images) else images
 
 
-def _array_channels(images: Tensor, channels: int | None) -> Tensor:
+def _say_conversion(spec: str, n_converted: int, channels: int) -> None:
+    """One log line when images are converted to the channels the model takes."""
+    if n_converted:
+        how = "grayscale (luminance)" if channels == 1 else "RGB (the gray channel repeated)"
+        log.info("%s: %d image(s) converted to %s, the %d channel(s) the model takes", spec, n_converted, how, channels)
+
+
+def _array_channels(images: Tensor, channels: int | None, spec: str = "images") -> Tensor:
     """(N, C, H, W) uint8 -> (N, channels, H, W): 1 -> 3 repeats, 3 -> 1 is luminance."""
     have = images.shape[1]
     if channels is None or channels == have:
         return images
+    _say_conversion(spec, images.shape[0], channels)
     if have == 1:
         return images.expand(-1, channels, -1, -1)
     luma = torch.tensor(LUMA).view(1, 3, 1, 1)
@@ -696,6 +704,7 @@ def _folder_set(spec: str, files: list[Path], labels: Tensor | None, classes: li
     headers = [_header(p) for p in progress(files, desc="reading image headers", total=len(files), unit="img")]
     if channels is None:
         channels = 1 if all(mode in _GRAY_MODES for _, mode in headers) else 3
+    _say_conversion(spec, sum((mode in _GRAY_MODES) != (channels == 1) for _, mode in headers), channels)
     if size is None:
         odd = next((i for i, (dims, _) in enumerate(headers) if dims != headers[0][0]), None)
         if odd is not None:
