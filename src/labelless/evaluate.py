@@ -21,7 +21,7 @@ from .progress import progress
 
 log = logging.getLogger(__name__)
 
-__all__ = ["predict", "Predictions", "warn_if_collapsed", "accuracy", "agreement", "kl_divergence", "resolve_device", "autocast"]
+__all__ = ["predict", "Predictions", "warn_if_collapsed", "accuracy", "agreement", "kl_divergence", "kl_per_image", "resolve_device", "autocast"]
 
 
 def resolve_device(device: str | torch.device | None = "auto") -> torch.device:
@@ -118,6 +118,12 @@ def kl_divergence(teacher: torch.Tensor, student: torch.Tensor, temperature: flo
         log_target=True,
         reduction="batchmean",
     ).item()
+
+
+def kl_per_image(teacher: torch.Tensor, student: torch.Tensor) -> torch.Tensor:
+    """(N,) KL(teacher || student) of each row's softmax outputs (their mean is :func:`kl_divergence`)."""
+    return F.kl_div(F.log_softmax(student.float(), 1), F.log_softmax(teacher.float(), 1), log_target=True,
+                    reduction="none").sum(1)
 
 
 COLLAPSED_SHARE = 0.5  # one predicted class above this share of the images: top-1 agreement says little

@@ -23,7 +23,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from . import distributed
-from .evaluate import accuracy, agreement, autocast, kl_divergence, warn_if_collapsed
+from .evaluate import accuracy, agreement, autocast, kl_divergence, kl_per_image, warn_if_collapsed
 from .features import FeatureTaps, feature_loss, tap_names
 from .progress import progress
 from .refine import refine_images
@@ -125,9 +125,7 @@ class Distillation(Objective):
         return {"agreement": agreement(output, reference), "kl": kl_divergence(reference, output)}
 
     def evidence(self, output, reference):
-        per_image = F.kl_div(F.log_softmax(output.float(), 1), F.log_softmax(reference.float(), 1),
-                             log_target=True, reduction="none").sum(1)
-        return Evidence(output.argmax(1) == reference.argmax(1), per_image)
+        return Evidence(output.argmax(1) == reference.argmax(1), kl_per_image(reference, output))
 
     def end(self) -> None:
         for taps in self.taps or ():

@@ -235,7 +235,8 @@ class _Trainer:
         )
 
     def _train(self, hold: torch.Tensor, weights: torch.Tensor | None) -> dict[str, Any]:
-        """Every epoch not done yet; the state of the best one (by the objective) is kept."""
+        """Every epoch not done yet; the kept state moves to an epoch only when it is significantly
+        better on the held-out images than the state kept so far."""
         state = self._resume(hold)
         first = state["epoch"] + 1
         for epoch in range(first, self.config.epochs + 1):

@@ -56,7 +56,7 @@ def significantly_better(new: Evidence, old: Evidence, z: float = Z_ONE_SIDED) -
     if n < 2:
         return False
     spread = improvement.std().item()
-    return improvement.mean().item() > z * spread / math.sqrt(n) and improvement.mean().item() > 0
+    return improvement.mean().item() > z * spread / math.sqrt(n)
 
 
 def too_few_held_out(n_held_out: int, minimum: int, holdout: float) -> str | None:
