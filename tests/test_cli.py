@@ -213,3 +213,62 @@ def test_the_recovery_line_says_what_retraining_won_back(best_epoch, labeled, ex
         report["retrained_labeled"] = {"accuracy": 84.0}
     line = recovery_line(report)
     assert line.startswith("Quantization cost 5.00 points of accuracy; label-free") and line.endswith(expected)
+
+
+def test_models_lists_what_model_accepts_and_the_unknown_model_error_points_there(capsys):
+    assert main(["models", "--json"]) == 0
+    names = json.loads(capsys.readouterr().out)
+    assert {"resnet18", "vgg16_bn", "mobilenet_v2"} <= set(names) and names == sorted(names)
+    assert main(["layers", "--model", "resnet1"]) == 2
+    assert "`labelless models`" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("where", ["before", "after"])
+def test_quiet_and_verbose_work_before_or_after_the_command(where, caplog):
+    import logging
+
+    flag = ["-q"]
+    argv = [*flag, "models"] if where == "before" else ["models", *flag]
+    assert main(argv) == 0
+    assert logging.getLogger("labelless").level == logging.WARNING
+    assert main(["models", "-v"]) == 0 and logging.getLogger("labelless").level == logging.DEBUG
+
+
+def test_flag_spellings_are_the_same_across_commands():
+    from labelless.cli import build_parser
+
+    parser = build_parser()
+    sweep = parser.parse_args(["sweep", *MODEL, "--weights", "w", "--unlabelled", "mnist", "--eval", "fashion-mnist",
+                               "-o", "s"])
+    assert (sweep.unlabeled, sweep.labeled) == ("mnist", "fashion-mnist")
+    retrain = parser.parse_args(["retrain", "m.lless", "--weights", "w", "--unlabelled", "mnist", "-o", "r.lless"])
+    assert retrain.unlabeled == "mnist"
+    assert parser.parse_args(["run", "-o", "out"]).out == "out"
+
+
+def test_help_states_the_defaults_actually_used(capsys):
+    from labelless.train import TrainConfig
+
+    with pytest.raises(SystemExit):
+        main(["train", "--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    assert f"images per batch (default {TrainConfig.batch_size})" in text
+    with pytest.raises(SystemExit):
+        main(["search", "--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    assert "--device DEVICE cpu, cuda" in text and "--metric {agreement,accuracy} agreement with" in text
+
+
+def test_retrain_with_the_wrong_teacher_names_what_to_give_not_flags_it_lacks(tmp_path, checkpoint, plan_file, capsys):
+    model = tmp_path / "m.lless"
+    assert main(["quantize", *MODEL, "--weights", str(checkpoint), "--plan", str(plan_file), "-o", str(model)]) == 0
+    other = tmp_path / "other.safetensors"
+    import labelless
+
+    wrong = labelless.build_model(labelless.ModelSpec("resnet18", num_classes=7, in_channels=1, small_input=True))
+    safetensors.torch.save_file(wrong.state_dict(), other)
+    capsys.readouterr()
+    code = main(["retrain", str(model), "--weights", str(other), "--unlabeled", "digits", "-o", str(tmp_path / "r.lless")])
+    err = capsys.readouterr().err
+    assert code == 2 and "does not fit resnet18" in err and f"the checkpoint {model} was quantized from" in err
+    assert "--num-classes" not in err and not (tmp_path / "r.lless").exists()

@@ -76,7 +76,7 @@ class ModelSpec:
         if self.name not in available_models():
             raise ModelError(
                 f"unknown model {self.name!r}: choose a torchvision classifier such as "
-                f"resnet18, resnet50, vgg16_bn, mobilenet_v2 (see `labelless layers --help`)"
+                f"resnet18, resnet50, vgg16_bn, mobilenet_v2 (`labelless models` lists them all)"
             )
         if self.small_input and self.name.startswith(_NO_SMALL_INPUT):
             raise ModelError(f"{self.name} has no small-input stem: drop --small-input")
@@ -343,10 +343,13 @@ def _strip_prefixes(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     return state
 
 
-def load_weights(model: nn.Module, path: str | Path) -> nn.Module:
-    """Load a checkpoint into ``model`` in place, with a clear error on any mismatch."""
+MODEL_FLAGS_ADVICE = "check --model, --num-classes, --in-channels and --small-input"
+
+
+def load_weights(model: nn.Module, path: str | Path, advice: str = MODEL_FLAGS_ADVICE) -> nn.Module:
+    """Load a checkpoint into ``model`` in place, with a clear error on any mismatch (ending in ``advice``)."""
     state = load_state_dict_file(path)
-    check_state_dict(model, state, source=str(path))
+    check_state_dict(model, state, source=str(path), advice=advice)
     check_finite(state, source=str(path))
     model.load_state_dict(_with_metadata(state, model), strict=True)
     return model
@@ -373,7 +376,8 @@ def check_finite(state: dict[str, torch.Tensor], source: str) -> None:
             )
 
 
-def check_state_dict(model: nn.Module, state: dict[str, torch.Tensor], source: str) -> None:
+def check_state_dict(model: nn.Module, state: dict[str, torch.Tensor], source: str,
+                     advice: str = MODEL_FLAGS_ADVICE) -> None:
     """Raise :class:`ModelError` unless ``state`` has exactly the model's keys and shapes."""
     expected = model.state_dict()
     missing = [k for k in expected if k not in state]
@@ -394,10 +398,7 @@ def check_state_dict(model: nn.Module, state: dict[str, torch.Tensor], source: s
         for label, items in (("missing", missing), ("unexpected", unexpected), ("shape", wrong))
         if items
     )
-    raise ModelError(
-        f"{source} does not fit {what} ({detail}): check --model, --num-classes, "
-        "--in-channels and --small-input"
-    )
+    raise ModelError(f"{source} does not fit {what} ({detail}): {advice}")
 
 
 def _first_line(exc: BaseException) -> str:

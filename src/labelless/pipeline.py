@@ -111,7 +111,8 @@ def _teacher(run: _Run) -> None:
     section = run.config.model
     if section.weights:
         run.spec = _spec(section, section.mean, section.std)
-        run.teacher = load_weights(build_model(run.spec), section.weights).to(run.device).eval()
+        advice = "check the config's model section (name, num_classes, in_channels, small_input)"
+        run.teacher = load_weights(build_model(run.spec), section.weights, advice=advice).to(run.device).eval()
         return
     train = _open(run.config.teacher.data, "train", True, _spec(section, (), ()), run.config.teacher.limit, run.config.seed)
     mean, std = _channel_stats(train.images)

@@ -21,11 +21,11 @@ from typing import Iterator, Sequence
 
 from .. import distributed
 from ..errors import LabellessError
-from . import decompress, export, inspect, layers, quantize, retrain, run, search, sweep, train
+from . import decompress, export, inspect, layers, models, quantize, retrain, run, search, sweep, train
 
 __all__ = ["main", "build_parser"]
 
-COMMANDS = [run, layers, quantize, inspect, decompress, sweep, search, retrain, train, export]
+COMMANDS = [run, models, layers, quantize, inspect, decompress, sweep, search, retrain, train, export]
 SPLIT_COMMANDS = ("sweep", "retrain", "run")  # the ones that share their work under torchrun
 
 
@@ -38,13 +38,19 @@ def build_parser() -> argparse.ArgumentParser:
         "then retrain them without labels.",
     )
     parser.add_argument("--version", action="version", version=f"labelless {__version__}")
-    parser.add_argument("-v", "--verbose", action="store_true", help="log debugging detail")
-    parser.add_argument("-q", "--quiet", action="store_true", help="log warnings and errors only")
+    _add_verbosity(parser, default=False)
     subparsers = parser.add_subparsers(dest="command", metavar="COMMAND")
     subparsers.required = True
     for command in COMMANDS:
         command.add_parser(subparsers)
+    for sub in subparsers.choices.values():  # -v/-q also after the sub-command
+        _add_verbosity(sub, default=argparse.SUPPRESS)
     return parser
+
+
+def _add_verbosity(parser: argparse.ArgumentParser, default) -> None:
+    parser.add_argument("-v", "--verbose", action="store_true", default=default, help="log debugging detail")
+    parser.add_argument("-q", "--quiet", action="store_true", default=default, help="log warnings and errors only")
 
 
 def main(argv: Sequence[str] | None = None) -> int:

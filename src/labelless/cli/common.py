@@ -25,8 +25,9 @@ def add_model_args(parser: argparse.ArgumentParser, weights: bool = True, requir
     group.add_argument("--in-channels", type=int, default=3, help="input channels: 1 for grayscale (default 3)")
     group.add_argument("--small-input", action="store_true", help="stem for 28-32 px images")
     group.add_argument("--image-size", type=int, default=0, help="input size (default 32 with --small-input, else 224)")
-    group.add_argument("--mean", type=_floats, default=(), help="per-channel normalisation mean, e.g. 0.286")
-    group.add_argument("--std", type=_floats, default=(), help="per-channel normalisation std, e.g. 0.353")
+    group.add_argument("--mean", type=_floats, default=(), help="per-channel normalisation mean, comma-separated: 0.286 (1 channel) "
+                       "or 0.485,0.456,0.406 (default: stored in --weights, else ImageNet's)")
+    group.add_argument("--std", type=_floats, default=(), help="per-channel normalisation std, comma-separated like --mean")
     if weights:
         group.add_argument("--weights", required=required, help="checkpoint: .safetensors or a .pt/.pth state_dict")
 
@@ -37,10 +38,23 @@ def add_skip_unreadable(parser: argparse.ArgumentParser) -> None:
                              "the log); by default the first one is an error")
 
 
-def add_device_args(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--device", default="auto", help="cpu, cuda, cuda:1 ... (default: cuda when present)")
-    parser.add_argument("--batch-size", type=int, default=256, help="images per batch (default 256)")
+def add_device_args(parser: argparse.ArgumentParser, batch_size: int = 256) -> None:
+    add_device_arg(parser)
+    parser.add_argument("--batch-size", type=int, default=batch_size, help=f"images per batch (default {batch_size})")
     parser.add_argument("--seed", type=int, default=0, help="seed for subsets and shuffling (default 0)")
+
+
+def add_device_arg(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--device", default="auto", help="cpu, cuda, cuda:1 ... (default: cuda when present)")
+
+
+def add_unlabeled_arg(parser, required: bool = False, help: str = "unlabelled images") -> None:
+    """``--unlabeled SPEC``, also spelt ``--unlabelled``."""
+    parser.add_argument("--unlabeled", "--unlabelled", dest="unlabeled", required=required, default=None,
+                        metavar="SPEC", help=f"{help}: {DATA_SPECS}")
+
+
+DATA_SPECS = "fashion-mnist, mnist, digits, imagefolder:PATH, images:PATH or npz:PATH"
 
 
 def _floats(text: str) -> tuple[float, ...]:

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import argparse
-import logging
+from pathlib import Path
 
 import safetensors.torch
 
@@ -11,8 +11,7 @@ from ..errors import FileFormatError
 from ..fileformat import load
 from ..io import atomic_path, check_input_file, check_output_dir
 from ..quantize import dequantize
-
-log = logging.getLogger(__name__)
+from ..report import human_bytes
 
 
 def add_parser(subparsers) -> None:
@@ -28,5 +27,5 @@ def run(args: argparse.Namespace) -> int:
     state = {key: value.detach().contiguous().clone() for key, value in dense.state_dict().items()}
     with atomic_path(args.output) as tmp:
         safetensors.torch.save_file(state, str(tmp))
-    log.info("wrote %d tensors to %s", len(state), args.output)
+    print(f"wrote {len(state)} dense tensors to {args.output} ({human_bytes(Path(args.output).stat().st_size)})")
     return 0

@@ -19,7 +19,7 @@ from ..fileformat import load, save
 from ..io import atomic_write_json, check_output_dir
 from ..models import build_model, load_weights
 from ..retrain import CrossEntropy, RetrainConfig, retrain
-from .common import add_skip_unreadable, write_config
+from .common import add_device_arg, add_skip_unreadable, add_unlabeled_arg, write_config
 from .quantize import add_storage_args, storage_kwargs
 
 log = logging.getLogger(__name__)
@@ -30,13 +30,15 @@ def add_parser(subparsers) -> None:
     parser.add_argument("file", help="the quantized .lless model (the student)")
     parser.add_argument("--weights", required=True, help="the original model's checkpoint (the teacher)")
     source = parser.add_mutually_exclusive_group(required=True)
-    source.add_argument("--unlabeled", help="unlabelled images to match the teacher on (label-free)")
-    source.add_argument("--labeled", help="labelled images: conventional retraining, the baseline")
+    add_unlabeled_arg(source, help="unlabelled images to match the teacher on (label-free)")
+    source.add_argument("--labeled", "--labelled", dest="labeled", metavar="SPEC",
+                        help="labelled training images instead: conventional retraining, the baseline")
     parser.add_argument("--limit", type=int, default=None, help="use this many images only")
     add_skip_unreadable(parser)
-    parser.add_argument("--eval", dest="eval_data", default=None, help="labelled test set to report accuracy before/after")
+    parser.add_argument("--eval", dest="eval_data", default=None, metavar="SPEC",
+                        help="labelled test set (its test split) to report accuracy before/after")
     add_retrain_args(parser)
-    parser.add_argument("--device", default="auto")
+    add_device_arg(parser)
     parser.add_argument("--checkpoint-dir", default=None, help="where epoch checkpoints go (default OUT.ckpt/)")
     add_storage_args(parser)
     parser.add_argument("-o", "--output", required=True, help="the retrained .lless file to write")
@@ -68,7 +70,8 @@ def run(args: argparse.Namespace) -> int:
     spec = getattr(student, "labelless_spec", None)
     if spec is None:
         raise LabellessError(f"{args.file} holds a custom model: retrain it through the Python API")
-    teacher = load_weights(build_model(spec), args.weights).eval()
+    teacher = load_weights(build_model(spec), args.weights,
+                           advice=f"give the checkpoint {args.file} was quantized from").eval()
     device = distributed.device(args.device)
     preprocess = Preprocess.for_spec(spec).to(device)
     config = retrain_config(args)

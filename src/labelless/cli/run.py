@@ -16,7 +16,7 @@ def add_parser(subparsers) -> None:
         description="With no CONFIG: the built-in demo (a compact model on Fashion-MNIST, retrained "
         "label-free on MNIST digits).")
     parser.add_argument("config", nargs="?", help="a YAML config (sections as in RunConfig; see README)")
-    parser.add_argument("--out", default=None, help="output folder (overrides the config's out)")
+    parser.add_argument("-o", "--out", default=None, help="output folder (overrides the config's out)")
     parser.add_argument("--device", default=None, help="overrides the config's device")
     parser.add_argument("--print-config", action="store_true",
                         help="print the full configuration (the defaults, or CONFIG resolved) as YAML with a comment "

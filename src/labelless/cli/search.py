@@ -15,7 +15,7 @@ from ..io import atomic_write_json, check_output_dir
 from ..report import format_table, plot_search
 from ..search import make_evaluator, search
 from ..sensitivity import SweepResult, prepare_reference
-from .common import fraction, model_from_args
+from .common import add_device_arg, fraction, model_from_args
 from .sweep import IMPORTANCE_FILE, open_data
 
 
@@ -27,8 +27,10 @@ def add_parser(subparsers) -> None:
                         help="size budget in bytes; alone, the search returns the most faithful plan that fits")
     parser.add_argument("--smaller-by", default=None, metavar="FRACTION",
                         help="size budget as the share of the fp32 size to save: 0.93 or 93%% (at most 7%% of it)")
-    parser.add_argument("--metric", choices=["agreement", "accuracy"], default="agreement")
-    parser.add_argument("--device", default="auto")
+    parser.add_argument("--metric", choices=["agreement", "accuracy"], default="agreement",
+                        help="agreement with the original on the sweep's unlabelled images (default), or accuracy "
+                             "on its --eval test set")
+    add_device_arg(parser)
     parser.add_argument("-o", "--output", required=True, help="the plan file to write (.yaml or .json)")
     parser.set_defaults(run=run)
 
@@ -45,7 +47,7 @@ def run(args: argparse.Namespace) -> int:
     spec = model.labelless_spec
     unlabeled, labeled = open_data(sweep_args, spec)
     if args.metric == "accuracy" and labeled is None:
-        raise LabellessError("--metric accuracy needs a sweep run with --labeled data; use --metric agreement")
+        raise LabellessError("--metric accuracy needs a sweep run with --eval data; use --metric agreement")
     device = resolve_device(args.device)
     reference = prepare_reference(model.to(device), unlabeled, Preprocess.for_spec(spec), labeled, sweep_args.batch_size, device)
     reference.importance = load_importance(folder / IMPORTANCE_FILE)  # what the sweep clustered with

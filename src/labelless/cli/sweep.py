@@ -15,7 +15,15 @@ from ..evaluate import check_device
 from ..importance import DEFAULT_IMAGES, fisher_importance, save_importance
 from ..plan import GRANULARITIES
 from ..sensitivity import DEFAULT_CLUSTERS, SweepConfig, sweep
-from .common import add_device_args, add_model_args, add_skip_unreadable, ints, model_from_args, write_config
+from .common import (
+    add_device_args,
+    add_model_args,
+    add_skip_unreadable,
+    add_unlabeled_arg,
+    ints,
+    model_from_args,
+    write_config,
+)
 
 IMPORTANCE_FILE = "importance.safetensors"
 
@@ -41,8 +49,9 @@ def add_parser(subparsers) -> None:
 
 
 def add_data_args(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--unlabeled", required=True, help="unlabelled images: fashion-mnist, mnist, imagefolder:PATH, images:PATH, npz:PATH")
-    parser.add_argument("--labeled", default=None, help="optional labelled set (test split) to also report accuracy")
+    add_unlabeled_arg(parser, required=True, help="unlabelled images to measure on")
+    parser.add_argument("--eval", "--labeled", dest="labeled", default=None, metavar="SPEC",
+                        help="optional labelled test set (its test split) to also report accuracy, as in retrain")
     parser.add_argument("--limit", type=int, default=2000, help="unlabelled images to measure on (default 2000)")
     add_skip_unreadable(parser)
 

@@ -20,11 +20,14 @@ def add_parser(subparsers) -> None:
     add_model_args(parser, weights=False)
     parser.add_argument("--data", default="fashion-mnist", help="labelled data spec (default fashion-mnist)")
     parser.add_argument("--limit", type=int, default=None, help="train on this many images only")
-    parser.add_argument("--epochs", type=int, default=TrainConfig.epochs)
-    parser.add_argument("--lr", type=float, default=TrainConfig.lr)
-    add_device_args(parser)
+    parser.add_argument("--test-limit", type=int, default=None,
+                        help="score this many images of the test split (default: all of them)")
+    parser.add_argument("--epochs", type=int, default=TrainConfig.epochs,
+                        help=f"passes over the data (default {TrainConfig.epochs})")
+    parser.add_argument("--lr", type=float, default=TrainConfig.lr, help=f"learning rate (default {TrainConfig.lr:g})")
+    add_device_args(parser, batch_size=TrainConfig.batch_size)
     parser.add_argument("-o", "--output", required=True, help="the .safetensors file to write")
-    parser.set_defaults(run=run, batch_size=TrainConfig.batch_size)
+    parser.set_defaults(run=run)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -37,7 +40,8 @@ def run(args: argparse.Namespace) -> int:
     device = resolve_device(args.device)
     train = open_images(args.data, split="train", labeled=True, size=spec.image_size, channels=spec.in_channels,
                         limit=args.limit, seed=args.seed)
-    test = open_images(args.data, split="test", labeled=True, size=spec.image_size, channels=spec.in_channels)
+    test = open_images(args.data, split="test", labeled=True, size=spec.image_size, channels=spec.in_channels,
+                       limit=args.test_limit, seed=args.seed)
     model = build_model(spec).to(device)
     preprocess = Preprocess.for_spec(spec).to(device)
     config = TrainConfig(epochs=args.epochs, lr=args.lr, batch_size=args.batch_size, seed=args.seed)
