@@ -12,7 +12,7 @@ import pytest
 import torch
 from PIL import Image
 
-from labelless.data import ImageSet, Preprocess, describe, loader, named, open_images
+from labelless.data import ImageSet, Preprocess, batch_source, describe, loader, named, open_images
 from labelless.errors import DataError
 
 FASHION = Path("/usr/share/datasets/fashion-mnist")
@@ -441,3 +441,35 @@ def test_a_conversion_between_grayscale_and_rgb_is_said_in_one_line(tmp_path, ca
     said = [r.getMessage() for r in caplog.records if "converted to" in r.getMessage()]
     assert len(said) == 2
     assert "2 image(s) converted to grayscale" in said[0] and "10 image(s) converted to RGB" in said[1]
+
+
+def test_batches_come_with_labels_only_from_a_labelled_set_and_never_from_its_label_free_view(numbered, tmp_path):
+    np.savez(tmp_path / "l.npz", images=np.arange(10, dtype=np.uint8).reshape(10, 1, 1), labels=np.arange(10) % 3)
+    labelled = open_images(f"npz:{tmp_path / 'l.npz'}", labeled=True)
+    images, labels = labelled.batch(torch.tensor([4, 7]))
+    assert images.flatten().tolist() == [4, 7] and labels.tolist() == [1, 1]
+    assert labelled.labels_at(torch.tensor([5])).tolist() == [2]
+    view = batch_source(labelled, labeled=False)
+    images, labels = view.batch(torch.tensor([4, 7]))
+    assert images.flatten().tolist() == [4, 7] and labels is None
+    with pytest.raises(DataError, match="label-free view"):
+        view.labels_at(torch.tensor([5]))
+    with pytest.raises(DataError, match="has no labels here"):
+        batch_source(open_images(numbered), labeled=True)
+
+
+def test_a_folder_set_decodes_its_batches(pets):
+    data = open_images(f"imagefolder:{pets}", labeled=True, size=8, channels=3)
+    images, labels = data.batch(torch.tensor([0, len(data) - 1]))
+    assert images.shape == (2, 3, 8, 8) and images.dtype == torch.uint8
+    assert labels.tolist() == [0, len(data.classes) - 1]
+
+
+def test_any_dataset_of_pairs_is_read_in_batches_like_an_image_set():
+    pairs = [(torch.full((1, 2, 2), i, dtype=torch.uint8), i % 2) for i in range(6)]
+    source = batch_source(pairs, labeled=False)
+    images, labels = source.batch(torch.tensor([3, 5]))
+    assert images[:, 0, 0, 0].tolist() == [3, 5] and labels is None
+    assert batch_source(pairs, labeled=True).batch(torch.tensor([3]))[1].tolist() == [1]
+    with pytest.raises(DataError, match="empty"):
+        batch_source([], labeled=False)

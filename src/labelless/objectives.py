@@ -155,7 +155,7 @@ class CrossEntropy(Objective):
     needs_labels = True
 
     def reference(self, trainer: _Trainer, indices: torch.Tensor) -> torch.Tensor:
-        return trainer.source.labels(indices)
+        return trainer.source.labels_at(indices)
 
     def loss(self, trainer, output, x, batch_idx, labels, mixed):
         return F.cross_entropy(output, labels.to(trainer.device))

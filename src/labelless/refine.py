@@ -29,28 +29,16 @@ import torch
 from torch import nn
 
 from . import distributed
+from .data import ImageSet, batch_source
 from .errors import LabellessError
 from .progress import progress
 
-__all__ = ["ImageTensor", "refine_images", "bn_statistics_loss"]
+__all__ = ["refine_images", "bn_statistics_loss"]
 
 log = logging.getLogger(__name__)
 
 BATCH_SIZE = 256
 LR = 0.1  # Adam on normalised pixels
-
-
-class ImageTensor(torch.utils.data.Dataset):
-    """Unlabelled uint8 images held in memory, ``(N, C, H, W)``: the form retraining indexes."""
-
-    def __init__(self, images: torch.Tensor):
-        self.images = images
-
-    def __len__(self) -> int:
-        return len(self.images)
-
-    def __getitem__(self, index: int) -> torch.Tensor:
-        return self.images[index]
 
 
 def refine_images(
@@ -62,8 +50,8 @@ def refine_images(
     device: torch.device | None = None,
     batch_size: int = BATCH_SIZE,
     lr: float = LR,
-) -> ImageTensor:
-    """``unlabeled``'s images after ``steps`` Adam steps that match the teacher's BatchNorm statistics.
+) -> ImageSet:
+    """``unlabeled``'s images (a label-free :class:`~labelless.data.ImageSet`) after ``steps`` Adam steps that match the teacher's BatchNorm statistics.
 
     Example:
         >>> refined = refine_images(teacher, open_images("mnist", size=28).unlabeled(), preprocess, steps=50)
@@ -84,13 +72,12 @@ def refine_images(
     refined = distributed.gather_blocks(torch.cat(chunks) if chunks else mine)
     log.info("refined %d images toward the teacher's BatchNorm statistics in %.1f s (%d steps)", len(refined),
              time.perf_counter() - start, steps)
-    return ImageTensor(refined)
+    name = unlabeled.spec if isinstance(unlabeled, ImageSet) else "images"
+    return ImageSet.of_images(refined, spec=f"{name} (refined)")
 
 
 def _uint8_images(unlabeled: torch.utils.data.Dataset) -> torch.Tensor:
-    images = getattr(unlabeled, "images", None)
-    if images is None:
-        images = torch.stack([unlabeled[i] for i in range(len(unlabeled))])
+    images, _ = batch_source(unlabeled, labeled=False).batch(torch.arange(len(unlabeled)))
     if images.dtype != torch.uint8 or images.ndim != 4:
         raise LabellessError(f"refining needs uint8 images (N, C, H, W), got {images.dtype} {tuple(images.shape)}")
     return images

@@ -55,6 +55,7 @@ from torch import nn
 
 from . import distributed
 from .config import option
+from .data import DatasetImages, ImageSet, batch_source
 from .errors import LabellessError
 from .evaluate import autocast
 from .io import atomic_path
@@ -200,7 +201,7 @@ class _Trainer:
         self.device, self.config, self.objective = device, config, objective
         self.student = self.place(student)
         self.preprocess = preprocess.to(self.device)
-        self.source = _ImageSource(dataset, objective.needs_labels)
+        self.source = batch_source(dataset, objective.needs_labels)
         self.train_idx, self.hold_idx = _split(len(self.source), config.holdout, config.seed)
         self.params = params  # the student's own parameters: placing it on the device moved them in place
         self.optimizer = _optimizer(self.student, self.params, config)
@@ -382,7 +383,7 @@ def _identity(config: RetrainConfig, kind: str, models: tuple[nn.Module, nn.Modu
     return hashlib.sha256(payload.encode()).hexdigest()
 
 
-def _data_digest(source: _ImageSource, preprocess: nn.Module, n_sampled: int = 64) -> str:
+def _data_digest(source: ImageSet | DatasetImages, preprocess: nn.Module, n_sampled: int = 64) -> str:
     """A fingerprint of the retraining data: its size, ``n_sampled`` images spread over it (with
     their labels) and the preprocessing (normalisation, size), so that a checkpoint is never
     resumed on other images or other normalisation."""
@@ -401,35 +402,6 @@ def _is_bn_statistic(name: str) -> bool:
 
 def _cat(chunks: list[torch.Tensor]) -> torch.Tensor:
     return torch.cat(chunks) if chunks else torch.empty(0)
-
-
-class _ImageSource:
-    """Batches of uint8 images (and labels, for the labelled baseline) by index."""
-
-    def __init__(self, dataset: torch.utils.data.Dataset, labeled: bool):
-        self.dataset, self.labeled = dataset, labeled
-        self.images = getattr(dataset, "images", None)  # in-memory sources: index directly
-        self.targets = getattr(dataset, "labels", None) if labeled else None
-        if len(dataset) == 0:
-            raise LabellessError("the retraining data is empty: give it some images")
-
-    def __len__(self) -> int:
-        return len(self.dataset)
-
-    def batch(self, indices: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
-        if self.images is not None and not self.labeled:
-            return self.images[indices], None
-        if self.images is not None and self.targets is not None:
-            return self.images[indices], self.targets[indices]
-        items = [self.dataset[int(i)] for i in indices]
-        if self.labeled:
-            return torch.stack([img for img, _ in items]), torch.tensor([int(y) for _, y in items])
-        return torch.stack(items), None
-
-    def labels(self, indices: torch.Tensor) -> torch.Tensor:
-        if self.targets is not None:
-            return self.targets[indices]
-        return torch.tensor([int(self.dataset[int(i)][1]) for i in indices])
 
 
 def _optimizer(student: nn.Module, params: list[nn.Parameter], config: RetrainConfig) -> torch.optim.Optimizer:

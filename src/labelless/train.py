@@ -16,6 +16,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .config import option
+from .data import batch_source
 from .errors import LabellessError
 from .evaluate import autocast
 from .progress import progress
@@ -91,13 +92,10 @@ def one_cycle(step: int, total: int, warmup: float = 0.25, floor: float = 0.04) 
 
 
 def _tensors(dataset) -> tuple[torch.Tensor, torch.Tensor]:
-    images, labels = getattr(dataset, "images", None), getattr(dataset, "labels", None)
-    if images is None or labels is None:
-        pairs = [dataset[i] for i in range(len(dataset))]
-        images, labels = torch.stack([p[0] for p in pairs]), torch.tensor([int(p[1]) for p in pairs])
-    if len(labels) == 0:
+    """Every image and label of ``dataset``, held in memory for the epochs."""
+    if len(dataset) == 0:
         raise LabellessError("the training set is empty")
-    return images, labels
+    return batch_source(dataset, labeled=True).batch(torch.arange(len(dataset)))
 
 
 def _batches(n: int, config: TrainConfig, generator: torch.Generator):

@@ -16,10 +16,10 @@ one image at a time. :class:`Preprocess` then turns uint8 batches into what a mo
 """
 
 from .folders import IMAGE_SUFFIXES
-from .imageset import ImageSet
+from .imageset import DatasetImages, ImageSet, batch_source
 from .loader import loader
 from .preprocess import Preprocess
 from .spec import SPEC_FORMS, check_spec, describe, open_images
 
-__all__ = ["ImageSet", "Preprocess", "open_images", "check_spec", "loader", "describe", "SPEC_FORMS",
+__all__ = ["ImageSet", "DatasetImages", "batch_source", "Preprocess", "open_images", "check_spec", "loader", "describe", "SPEC_FORMS",
            "IMAGE_SUFFIXES"]

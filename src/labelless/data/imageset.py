@@ -6,6 +6,7 @@ from pathlib import Path
 from typing import Callable, Sequence
 
 import numpy as np
+import torch
 from torch import Tensor
 from torch.utils.data import Dataset
 
@@ -71,6 +72,30 @@ class ImageSet(Dataset):
         images = take(self.images, index).unbind(0)
         return list(zip(images, take(self._labels, index).unbind(0))) if self.labeled else list(images)
 
+    def batch(self, indices: Tensor) -> tuple[Tensor, Tensor | None]:
+        """uint8 images ``(B, C, H, W)`` at ``indices``, with their labels when opened ``labeled``
+        (else None): the form retraining, refinement and the search read images in."""
+        if self.images is None:
+            items = [self[int(i)] for i in indices]
+            images = torch.stack([item[0] if self.labeled else item for item in items])
+            return images, torch.stack([item[1] for item in items]) if self.labeled else None
+        index = np.asarray(indices, dtype=np.int64)
+        return take(self.images, index), take(self._labels, index) if self.labeled else None
+
+    def labels_at(self, indices: Tensor) -> Tensor:
+        """The labels at ``indices`` alone (no image decoded)."""
+        self._refuse_labels("labels")
+        if not self.labeled:
+            raise DataError(f"{self.spec} was opened without labels: open it with labeled=True")
+        return take(self._labels, np.asarray(indices, dtype=np.int64))
+
+    @classmethod
+    def of_images(cls, images: Tensor, spec: str = "images") -> "ImageSet":
+        """A label-free set of uint8 ``(N, C, H, W)`` images held in memory."""
+        if images.dtype != torch.uint8 or images.ndim != 4:
+            raise DataError(f"{spec}: expected uint8 images (N, C, H, W), got {images.dtype} {tuple(images.shape)}")
+        return cls(spec, images.contiguous()).unlabeled()
+
     def unlabeled(self) -> "ImageSet":
         """A view of the same images that yields images only and holds no labels at all.
 
@@ -87,3 +112,37 @@ class ImageSet(Dataset):
         kind = "label-free" if self._label_free else "labeled" if self.labeled else "images only"
         where = "in memory" if self.images is not None else "decoded from files"
         return f"ImageSet({self.spec!r}, {len(self)} images {shape}, {kind}, {where})"
+
+
+class DatasetImages:
+    """Any map-style dataset of uint8 images, or of ``(image, label)`` pairs, read in batches
+    like an :class:`ImageSet` (a torchvision dataset with a uint8 transform, a user's own)."""
+
+    def __init__(self, dataset: Dataset, labeled: bool):
+        self.dataset, self.labeled = dataset, labeled
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def batch(self, indices: Tensor) -> tuple[Tensor, Tensor | None]:
+        items = [self.dataset[int(i)] for i in indices]
+        images = torch.stack([item[0] if isinstance(item, (tuple, list)) else item for item in items])
+        return images, torch.tensor([int(item[1]) for item in items]) if self.labeled else None
+
+    def labels_at(self, indices: Tensor) -> Tensor:
+        return torch.tensor([int(self.dataset[int(i)][1]) for i in indices])
+
+
+def batch_source(dataset: Dataset, labeled: bool) -> ImageSet | DatasetImages:
+    """``dataset`` as something to read batches from: an :class:`ImageSet` as itself (its
+    label-free view unless ``labeled``, so that label-free work provably reads no label), any
+    other dataset through :class:`DatasetImages`."""
+    if len(dataset) == 0:
+        raise DataError("the data is empty: give it some images")
+    if not isinstance(dataset, ImageSet):
+        return DatasetImages(dataset, labeled)
+    if not labeled:
+        return dataset.unlabeled()
+    if not dataset.labeled:
+        raise DataError(f"{dataset.spec} has no labels here: open it with labeled=True for labelled training")
+    return dataset
