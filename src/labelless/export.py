@@ -67,6 +67,7 @@ def export_onnx(
     opset: int = DEFAULT_OPSET,
     exporter: str = "auto",
     input_size: int | None = None,
+    custom: str | None = None,
 ) -> dict[str, Any]:
     """Write ``source`` (a ``.lless`` path or a quantized model) as an ONNX file; returns sizes.
 
@@ -79,7 +80,8 @@ def export_onnx(
     ``input_size`` if given, else what the source says: its ``spec``, its ``labelless_spec``, or
     ``example_input``. ``exporter`` picks torch's
     exporter: ``"torchscript"`` (``dynamo=False``), ``"dynamo"`` (needs onnxscript), or
-    ``"auto"`` (TorchScript where torch still has it).
+    ``"auto"`` (TorchScript where torch still has it). ``custom``: as in :func:`labelless.load`,
+    the custom class a ``.lless`` file's spec names, when you trust it to be imported.
 
     The report holds ``onnx_bytes``, ``lless_bytes`` and their ``ratio`` (``None`` for a
     model source), ``compressed_tensors`` (quantized tensors stored as codebook + indices)
@@ -93,7 +95,7 @@ def export_onnx(
     onnx = _require_onnx()
     _check_options(opset, dense, exporter)
     check_output_dir(path)
-    model, example, spec, lless_bytes = _source_model(source, spec, example_input)
+    model, example, spec, lless_bytes = _source_model(source, spec, example_input, custom)
     example = _resized(example, input_size)
     proto, dynamic_size = _export_any_size(dequantize(model).eval(), example, opset, exporter)
     counts = {"compressed_tensors": 0, "kept_dense_tensors": 0}
@@ -130,7 +132,7 @@ def _check_options(opset: int, dense: bool, exporter: str) -> None:
 
 
 def _source_model(
-    source: str | Path | nn.Module, spec: ModelSpec | None, example_input: torch.Tensor | None
+    source: str | Path | nn.Module, spec: ModelSpec | None, example_input: torch.Tensor | None, custom: str | None
 ) -> tuple[nn.Module, torch.Tensor, ModelSpec | None, int | None]:
     """(model, example input of batch 1, spec, .lless bytes or None)."""
     if isinstance(source, (str, Path)):
@@ -139,7 +141,7 @@ def _source_model(
             raise LabellessError(
                 f"{source} holds a custom model: export load(path, model=...) with an example_input instead"
             )
-        return load(source), lless.spec.example_input(1), lless.spec, lless.file_bytes
+        return load(source, custom=custom), lless.spec.example_input(1), lless.spec, lless.file_bytes
     if not isinstance(source, nn.Module):
         raise LabellessError(f"source must be a .lless path or a model, got {type(source).__name__}")
     spec = spec or getattr(source, "labelless_spec", None)

@@ -48,7 +48,7 @@ import safetensors.torch
 import torch
 from torch import nn
 
-from . import coding, layout
+from . import coding, layout, zoo
 from .errors import FileFormatError, LabellessError, ModelError
 from .io import atomic_path, check_input_file
 from .layers import list_layers
@@ -460,22 +460,42 @@ def _stored_bytes(header: dict, tensors: dict[str, torch.Tensor]) -> dict[str, i
 # -- loading into a model ------------------------------------------------------------------
 
 
-def load(path: str | Path, model: nn.Module | None = None, *, max_params: int = DEFAULT_MAX_PARAMS) -> nn.Module:
+def load(path: str | Path, model: nn.Module | None = None, *, max_params: int = DEFAULT_MAX_PARAMS,
+         custom: str | None = None) -> nn.Module:
     """Rebuild the model saved in a ``.lless`` file.
 
     Quantized tensors come back as codebook + indices (so the model can be retrained or
     saved again); outputs are bit-identical to the model that was saved. A file written
-    from a custom ``nn.Module`` needs that module (freshly constructed) as ``model``.
+    from a custom ``nn.Module`` needs that module (freshly constructed) as ``model``; one whose
+    spec names a custom class (``package.module:ClassName``) is rebuilt from it, with the
+    constructor arguments it records, only when ``custom`` names that same class: loading a
+    file never imports code on its own.
 
     Example:
         >>> model = load("model.lless")
         >>> logits = model.eval()(images)
+        >>> mine = load("net.lless", custom="mymodels:Net")
     """
     lless = read(path)
-    target = _target_model(lless, model, max_params)
+    target = _target_model(lless, model or _custom_model(lless, custom), max_params)
     _fill(target, lless)
     target.eval()
     return target
+
+
+def _custom_model(lless: LlessFile, custom: str | None) -> nn.Module | None:
+    """The custom class the file's spec names, built, when the caller named it too."""
+    try:
+        spec = lless.spec
+    except ModelError:
+        return None  # _target_model says what is wrong with it
+    if spec is None or zoo.model_source(spec.name) != "custom":
+        return None
+    if custom != spec.name:
+        raise LabellessError(f"{lless.path} holds the custom model {spec.name}: labelless imports no code a file "
+                             f"names; name it yourself (--model {spec.name} on the command line, "
+                             f"load(path, custom=\"{spec.name}\") in Python)")
+    return build_model(spec)
 
 
 def _target_model(lless: LlessFile, model: nn.Module | None, max_params: int) -> nn.Module:

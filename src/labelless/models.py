@@ -1,8 +1,9 @@
 """Model names -> ``nn.Module``, and checkpoints -> weights, without executing pickle.
 
-A :class:`ModelSpec` names a torchvision classifier and the few changes labelless makes to
-it (classes, input channels, a small-input stem for 28-32 px images); it is what a
-``.lless`` file records so that the model can be rebuilt.
+A :class:`ModelSpec` names a classifier -- torchvision's by default, timm's as ``timm:NAME``,
+or the user's own as ``package.module:ClassName`` (see :mod:`labelless.zoo`) -- and the few
+changes labelless makes to it (classes, input channels, a small-input stem for 28-32 px
+images); it is what a ``.lless`` file records so that the model can be rebuilt.
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ import torch
 import torchvision
 from torch import nn
 
+from . import zoo
 from .errors import ModelError
 from .io import check_input_file
 
@@ -68,17 +70,23 @@ class ModelSpec:
     image_size: int = 0  # input height = width; 0 means 32 with small_input, else 224
     mean: tuple[float, ...] = ()  # per-channel normalisation the model was trained with
     std: tuple[float, ...] = ()  # (empty: ImageNet's, repeated or averaged per channel)
+    model_args: dict = dataclasses.field(default_factory=dict, hash=False)  # a custom model's constructor arguments
 
     def __post_init__(self) -> None:
         _check_int("num_classes", self.num_classes, 1, MAX_CLASSES)
         _check_int("in_channels", self.in_channels, 1, MAX_CHANNELS)
         _check_int("image_size", self.image_size, 0, MAX_IMAGE_SIZE)
-        if self.name not in available_models():
+        source = zoo.model_source(self.name)
+        if source == "torchvision" and self.name not in available_models():
             raise ModelError(
                 f"unknown model {self.name!r}: choose a torchvision classifier such as "
-                f"resnet18, resnet50, vgg16_bn, mobilenet_v2 (`labelless models` lists them all)"
+                f"resnet18, resnet50, vgg16_bn, mobilenet_v2 (`labelless models` lists them all), "
+                f"timm:NAME or your own package.module:ClassName"
             )
-        if self.small_input and self.name.startswith(_NO_SMALL_INPUT):
+        if not isinstance(self.model_args, dict) or not all(isinstance(k, str) for k in self.model_args):
+            raise ModelError(f"model arguments must be a mapping of names to values, got {self.model_args!r}")
+        zoo.check_name(self.name, self.model_args)
+        if self.small_input and (source != "torchvision" or self.name.startswith(_NO_SMALL_INPUT)):
             raise ModelError(f"{self.name} has no small-input stem: drop --small-input")
         if not self.image_size:
             object.__setattr__(self, "image_size", 32 if self.small_input else 224)
@@ -100,6 +108,8 @@ class ModelSpec:
     def to_dict(self) -> dict[str, Any]:
         data = dataclasses.asdict(self)
         data["mean"], data["std"] = list(self.mean), list(self.std)
+        if not self.model_args:
+            del data["model_args"]  # files of torchvision and timm models read as before
         return data
 
     @classmethod
@@ -149,16 +159,27 @@ def available_models() -> list[str]:
 
 def build_model(spec: ModelSpec, device: str | torch.device | None = None) -> nn.Module:
     """A freshly initialised model for ``spec`` (``device="meta"`` allocates nothing)."""
+    source = zoo.model_source(spec.name)
+    with torch.device(device or "cpu"):
+        if source == "timm":
+            model = zoo.build_timm(spec.name, spec.num_classes, spec.in_channels)
+        elif source == "custom":
+            model = zoo.build_custom(spec.name, spec.model_args)
+        else:
+            model = _torchvision_model(spec)
+    model.labelless_spec = spec
+    return model
+
+
+def _torchvision_model(spec: ModelSpec) -> nn.Module:
     kwargs: dict[str, Any] = {"weights": None, "num_classes": spec.num_classes}
     if spec.name.startswith(("googlenet", "inception")):
         kwargs.update(aux_logits=False, init_weights=True)
-    with torch.device(device or "cpu"):
-        model = torchvision.models.get_model(spec.name, **kwargs)
-        if spec.in_channels != 3:
-            _replace_first_conv(model, in_channels=spec.in_channels)
-        if spec.small_input:
-            _small_input_stem(model, spec.name)
-    model.labelless_spec = spec
+    model = torchvision.models.get_model(spec.name, **kwargs)
+    if spec.in_channels != 3:
+        _replace_first_conv(model, in_channels=spec.in_channels)
+    if spec.small_input:
+        _small_input_stem(model, spec.name)
     return model
 
 
@@ -241,8 +262,11 @@ def load_state_dict_file(path: str | Path) -> dict[str, torch.Tensor]:
     """Tensors of a ``.safetensors`` file or a ``.pt``/``.pth`` state_dict, never unpickling code.
 
     The usual wrappers are unwrapped: a ``state_dict``/``model`` key, a ``module.`` prefix.
+    ``path`` may also be a folder holding ``model.safetensors`` (as Hugging Face writes them) or
+    a torchvision weights name such as ``ResNet18_Weights.IMAGENET1K_V1``, read from the local
+    torch hub cache (nothing is downloaded).
     """
-    path = check_input_file(path, "weights file", ModelError)
+    path = check_input_file(weights_file(path), "weights file", ModelError)
     if path.suffix == ".safetensors":
         state = _read_safetensors(path)
     else:
@@ -253,6 +277,45 @@ def load_state_dict_file(path: str | Path) -> dict[str, torch.Tensor]:
 def tensor_bytes(tensor: torch.Tensor) -> bytes:
     """The exact bytes of ``tensor``'s values, in row-major order."""
     return tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes()
+
+
+WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin", "model.pt", "model.pth")
+_WEIGHTS_NAME = re.compile(r"^\w+_Weights\.\w+$")
+
+
+def weights_file(path: str | Path) -> Path:
+    """The file a weights argument names: itself, ``model.safetensors`` (or the like) in a folder,
+    or a torchvision weights name's file in the local torch hub cache."""
+    path = Path(path).expanduser()
+    if path.is_dir():
+        found = next((path / name for name in WEIGHT_FILES if (path / name).is_file()), None)
+        if found is None:
+            raise ModelError(f"folder {str(path)!r} holds none of {', '.join(WEIGHT_FILES)}: give the weights file")
+        return found
+    if not path.exists() and _WEIGHTS_NAME.match(str(path)):
+        return _cached_torchvision_weights(str(path))
+    return path
+
+
+def _cached_torchvision_weights(name: str) -> Path:
+    try:
+        weights = torchvision.models.get_weight(name)
+    except (ValueError, KeyError, AttributeError):
+        raise ModelError(f"torchvision has no weights {name!r}: see torchvision.models for the names") from None
+    cached = Path(torch.hub.get_dir()) / "checkpoints" / Path(weights.url).name
+    if not cached.is_file():
+        raise ModelError(f"{name} is not in the local torch hub cache ({cached}): labelless downloads nothing; "
+                         f"fetch {weights.url} into that folder, or give a weights file")
+    return cached
+
+
+def _torchvision_normalisation(name: str) -> tuple[tuple[float, ...], tuple[float, ...]] | None:
+    """The normalisation torchvision's weights ``name`` were trained with (their transforms')."""
+    try:
+        transforms = torchvision.models.get_weight(name).transforms()
+        return tuple(transforms.mean), tuple(transforms.std)
+    except Exception:  # noqa: BLE001 - an unknown name or transforms without mean/std: as if none were stored
+        return None
 
 
 def state_digest(model: nn.Module) -> str:
@@ -283,7 +346,13 @@ def stored_normalisation(path: str | Path) -> tuple[tuple[float, ...], tuple[flo
     """The (mean, std) :func:`save_checkpoint` stored in a safetensors file; None if there are none."""
     from safetensors import safe_open
 
-    if Path(path).suffix != ".safetensors":
+    if not Path(path).exists() and _WEIGHTS_NAME.match(str(path)):
+        return _torchvision_normalisation(str(path))
+    try:
+        path = weights_file(path)
+    except ModelError:
+        return None  # load_state_dict_file says what is wrong
+    if path.suffix != ".safetensors":
         return None
     try:
         with safe_open(str(path), framework="pt") as handle:

@@ -20,7 +20,11 @@ log = logging.getLogger(__name__)
 
 def add_model_args(parser: argparse.ArgumentParser, weights: bool = True, required: bool = True) -> None:
     group = parser.add_argument_group("model")
-    group.add_argument("--model", required=required, help="torchvision classifier, e.g. resnet18, vgg16_bn")
+    group.add_argument("--model", required=required,
+                       help="torchvision classifier (resnet18, vgg16_bn; `labelless models` lists them), "
+                            "timm:NAME, or your own package.module:ClassName")
+    group.add_argument("--model-args", type=_mapping, default={}, metavar="YAML",
+                       help="constructor arguments of a custom --model, e.g. '{width: 2, depth: 8}'")
     group.add_argument("--num-classes", type=int, default=1000, help="outputs of the last layer (default 1000)")
     group.add_argument("--in-channels", type=int, default=3, help="input channels: 1 for grayscale (default 3)")
     group.add_argument("--small-input", action="store_true", help="stem for 28-32 px images")
@@ -30,6 +34,24 @@ def add_model_args(parser: argparse.ArgumentParser, weights: bool = True, requir
     group.add_argument("--std", type=_floats, default=(), help="per-channel normalisation std, comma-separated like --mean")
     if weights:
         group.add_argument("--weights", required=required, help="checkpoint: .safetensors or a .pt/.pth state_dict")
+
+
+def add_custom_arg(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--model", dest="custom", default=None, metavar="PKG.MODULE:CLASS",
+                        help="for a file of a custom model: its class, which you trust to be imported (labelless "
+                             "imports no code a file names)")
+
+
+def _mapping(text: str) -> dict:
+    import yaml
+
+    try:
+        value = yaml.safe_load(text)
+    except yaml.YAMLError:
+        value = None
+    if not isinstance(value, dict):
+        raise argparse.ArgumentTypeError(f"expected a mapping such as '{{width: 2}}', got {text!r}")
+    return value
 
 
 def add_skip_unreadable(parser: argparse.ArgumentParser) -> None:
@@ -98,6 +120,7 @@ def model_spec(args: argparse.Namespace) -> ModelSpec:
         image_size=args.image_size,
         mean=mean,
         std=std,
+        model_args=getattr(args, "model_args", {}),
     )
     check_input_size(spec)
     return spec

@@ -9,7 +9,7 @@ from ..errors import FileFormatError
 from ..export import DEFAULT_OPSET, EXPORTERS, MAX_OPSET, export_onnx
 from ..io import check_input_file
 from ..report import human_bytes
-from .common import print_json
+from .common import add_custom_arg, print_json
 
 log = logging.getLogger(__name__)
 
@@ -28,13 +28,14 @@ def add_parser(subparsers) -> None:
                         help="export at this height and width (default the model's own); height and width stay "
                              "dynamic where the network allows it")
     parser.add_argument("--json", action="store_true", help="print the report as JSON")
+    add_custom_arg(parser)
     parser.set_defaults(run=run)
 
 
 def run(args: argparse.Namespace) -> int:
     check_input_file(args.file, ".lless file", FileFormatError)
     report = export_onnx(args.file, args.output, dense=args.dense, opset=args.opset, exporter=args.exporter,
-                         input_size=args.input_size)
+                         input_size=args.input_size, custom=args.custom)
     if args.json:
         print_json(report)
     else:

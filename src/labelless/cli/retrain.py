@@ -19,7 +19,7 @@ from ..fileformat import load, save
 from ..io import atomic_write_json, check_output_dir
 from ..models import build_model, load_weights
 from ..retrain import CrossEntropy, RetrainConfig, retrain
-from .common import add_device_arg, add_skip_unreadable, add_unlabeled_arg, write_config
+from .common import add_custom_arg, add_device_arg, add_skip_unreadable, add_unlabeled_arg, write_config
 from .quantize import add_storage_args, storage_kwargs
 
 log = logging.getLogger(__name__)
@@ -39,6 +39,7 @@ def add_parser(subparsers) -> None:
                         help="labelled test set (its test split) to report accuracy before/after")
     add_retrain_args(parser)
     add_device_arg(parser)
+    add_custom_arg(parser)
     parser.add_argument("--checkpoint-dir", default=None, help="where epoch checkpoints go (default OUT.ckpt/)")
     add_storage_args(parser)
     parser.add_argument("-o", "--output", required=True, help="the retrained .lless file to write")
@@ -66,10 +67,10 @@ def retrain_config(args: argparse.Namespace) -> RetrainConfig:
 def run(args: argparse.Namespace) -> int:
     if distributed.is_main():
         check_output_dir(args.output)
-    student = load(args.file)
+    student = load(args.file, custom=args.custom)
     spec = getattr(student, "labelless_spec", None)
     if spec is None:
-        raise LabellessError(f"{args.file} holds a custom model: retrain it through the Python API")
+        raise LabellessError(f"{args.file} holds a model saved without a spec: retrain it through the Python API")
     teacher = load_weights(build_model(spec), args.weights,
                            advice=f"give the checkpoint {args.file} was quantized from").eval()
     device = distributed.device(args.device)
