@@ -56,7 +56,7 @@ import torch
 from torch import nn
 
 import labelless
-from labelless import coding, fileformat
+from labelless import coding, fileformat, layout
 from labelless.errors import FileFormatError, LabellessError
 
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -385,7 +385,7 @@ def _header_mutation(rng: random.Random, seed: Seed) -> Mutation:
             return Mutation(_with_labelless_text(seed, text), "header", f"{lie}: {what}")
         what = f"{lie}: {what}"
     if rng.random() < 0.5 and isinstance(header, dict) and isinstance(header.get("checksum"), dict):
-        header["checksum"]["header"] = fileformat._header_digest(header)  # reach the checks behind it
+        header["checksum"]["header"] = layout.header_digest(header)  # reach the checks behind it
         what += " (header re-signed)"
     return Mutation(_with_labelless_text(seed, _dumps(header)), "header", what)
 
@@ -495,7 +495,7 @@ def _lie_dtype(rng: random.Random, header: dict) -> str:
     key = rng.choice(_entries(header, "dense"))
     entry = header["tensors"][key]
     field = rng.choice(["dtype", "stored_dtype", "both"])
-    value = rng.choice(list(fileformat._DTYPES) + ["float8", "", ["float32"], {"a": 1}, None])
+    value = rng.choice(list(layout.DTYPES) + ["float8", "", ["float32"], {"a": 1}, None])
     if field in ("dtype", "both"):
         entry["dtype"] = value
     if field in ("stored_dtype", "both"):
@@ -630,8 +630,8 @@ def _tensor_mutation(rng: random.Random, seed: Seed) -> Mutation:
     what = _TENSOR_OPS[name](rng, header, tensors)
     if what is None:  # the operator does not apply to this seed: garble a codebook instead
         name, what = "centroids", _op_centroids(rng, header, tensors)
-    header["checksum"]["tensors"] = fileformat._digest(tensors)
-    header["checksum"]["header"] = fileformat._header_digest(header)
+    header["checksum"]["tensors"] = layout.tensors_digest(tensors)
+    header["checksum"]["header"] = layout.header_digest(header)
     data = safetensors.torch.save(tensors, metadata={"labelless": json.dumps(header)})
     return Mutation(data, "tensors", f"{name}: {what}", allow_different=True)
 
@@ -744,7 +744,7 @@ def _op_dense_values(rng: random.Random, header: dict, tensors: dict) -> str:
 def _op_dense_dtype(rng: random.Random, header: dict, tensors: dict) -> str:
     key = rng.choice(_entries(header, "dense"))
     name = rng.choice(["float64", "float16", "int32", "int64", "bool", "bfloat16"])
-    tensors[key] = tensors[key].to(fileformat._DTYPES[name])
+    tensors[key] = tensors[key].to(layout.DTYPES[name])
     header["tensors"][key].update(dtype=name, stored_dtype=name)
     return f"{key} stored and declared {name}"
 

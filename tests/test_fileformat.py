@@ -106,7 +106,7 @@ def _rewrite_header(src, dst, change):
     outer = json.loads(data[8 : 8 + length])
     header = json.loads(outer["__metadata__"]["labelless"])
     change(header)
-    header["checksum"]["header"] = labelless.fileformat._header_digest(header)  # a lie that is signed
+    header["checksum"]["header"] = labelless.layout.header_digest(header)  # a lie that is signed
     outer["__metadata__"]["labelless"] = json.dumps(header)
     raw = json.dumps(outer).encode()
     raw += b" " * (-len(raw) % 8)

@@ -21,7 +21,7 @@ import safetensors.torch
 import torch
 
 import labelless
-from labelless import FileFormatError, fileformat
+from labelless import FileFormatError, fileformat, layout
 
 FUZZ_CASES = 600
 FUZZ_SEED = 0
@@ -109,7 +109,7 @@ def _rewrite_header(src: Path, dst: Path, change=None, text: str | None = None, 
 
 def _resign(header) -> None:
     if isinstance(header, dict) and isinstance(header.get("checksum"), dict):
-        header["checksum"]["header"] = fileformat._header_digest(header)
+        header["checksum"]["header"] = layout.header_digest(header)
 
 
 def _rewrite_tensors(src: Path, dst: Path, change) -> Path:
@@ -117,7 +117,7 @@ def _rewrite_tensors(src: Path, dst: Path, change) -> Path:
     _, header, _ = _parts(src)
     tensors = safetensors.torch.load(src.read_bytes())
     change(header, tensors)
-    header["checksum"]["tensors"] = fileformat._digest(tensors)
+    header["checksum"]["tensors"] = layout.tensors_digest(tensors)
     _resign(header)
     dst.write_bytes(safetensors.torch.save(tensors, metadata={"labelless": json.dumps(header)}))
     return dst
@@ -173,13 +173,13 @@ def _buffer(header: dict, name: str) -> str:
 @pytest.fixture
 def no_allocation(monkeypatch):
     """Fail if load builds anything but a meta-device skeleton."""
-    real = fileformat.build_model
+    real = fileformat.loading.build_model
 
     def meta_only(spec, device=None):
         assert str(device) == "meta", "load allocated a model before checking the file"
         return real(spec, device=device)
 
-    monkeypatch.setattr(fileformat, "build_model", meta_only)
+    monkeypatch.setattr(fileformat.loading, "build_model", meta_only)
     monkeypatch.setattr(torch.nn.Module, "to_empty", lambda *a, **k: pytest.fail("allocated"))
 
 

@@ -9,6 +9,7 @@ search sees is the size the writer writes. ``docs/FORMAT.md`` describes the same
 
 from __future__ import annotations
 
+import hashlib
 import json
 from typing import Any
 
@@ -105,3 +106,19 @@ def safetensors_size(shapes: dict[str, tuple[str, list[int], int]], metadata: di
         entries.insert(0, '"__metadata__":' + json.dumps(metadata, separators=(",", ":"), ensure_ascii=False))
     size = len(("{" + ",".join(entries) + "}").encode())
     return 8 + size + (-size % 8) + offset
+
+
+def header_digest(header: dict[str, Any]) -> str:
+    """sha256 of the header without its checksum, as sorted-key compact JSON."""
+    body = {k: v for k, v in header.items() if k != "checksum"}
+    return hashlib.sha256(json.dumps(body, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
+
+
+def tensors_digest(tensors: dict[str, torch.Tensor]) -> str:
+    """sha256 over every stored tensor: its name, dtype, shape and bytes, in name order."""
+    sha = hashlib.sha256()
+    for name in sorted(tensors):
+        tensor = tensors[name]
+        sha.update(json.dumps([name, str(tensor.dtype), list(tensor.shape)]).encode())
+        sha.update(tensor.contiguous().view(-1).view(torch.uint8).numpy().tobytes() if tensor.numel() else b"")
+    return sha.hexdigest()
