@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import gzip
 import sys
 from pathlib import Path
@@ -227,3 +228,18 @@ def test_a_network_that_fixes_its_size_is_exported_at_that_size_or_the_one_asked
     assert_matches(tmp_path / "t16.onnx", quantized, torch.randn(2, 1, 16, 16).numpy())
     with pytest.raises(labelless.LabellessError, match="input size must be a whole number"):
         export_onnx(quantized, tmp_path / "x.onnx", example_input=torch.zeros(1, 1, 8, 8), input_size=0)
+
+
+@pytest.mark.parametrize("size_in, size_out", [((1, 1), (7, 7)), ((3, 5), (6, 6)), ((13, 13), (6, 6)), ((2, 2), (7, 3))])
+def test_adaptive_pooling_torch_cannot_export_is_replaced_by_the_same_averages(size_in, size_out):
+    from labelless.export import _exportable_pooling
+
+    model = torch.nn.Sequential(torch.nn.Conv2d(1, 3, 1), torch.nn.AdaptiveAvgPool2d(size_out))
+    x = torch.randn(2, 1, *size_in)
+    with torch.no_grad():
+        expected = model(x)
+        replaced = _exportable_pooling(copy.deepcopy(model), x)
+        assert not isinstance(replaced[1], torch.nn.AdaptiveAvgPool2d)
+        assert torch.allclose(replaced(x), expected, atol=1e-6)
+    kept = _exportable_pooling(torch.nn.Sequential(torch.nn.AdaptiveAvgPool2d(size_out)), torch.randn(1, 1, 14, 21))
+    assert isinstance(kept[0], torch.nn.AdaptiveAvgPool2d) == (14 % size_out[0] == 0 and 21 % size_out[1] == 0)

@@ -97,7 +97,8 @@ def export_onnx(
     check_output_dir(path)
     model, example, spec, lless_bytes = _source_model(source, spec, example_input, custom)
     example = _resized(example, input_size)
-    proto, dynamic_size = _export_any_size(dequantize(model).eval(), example, opset, exporter)
+    proto, dynamic_size = _export_any_size(_exportable_pooling(dequantize(model).eval(), example), example, opset,
+                                           exporter)
     counts = {"compressed_tensors": 0, "kept_dense_tensors": 0}
     if not dense:
         counts = _compress_graph(proto.graph, quantized_tensors(model))
@@ -157,6 +158,55 @@ def _resized(example: torch.Tensor, input_size: int | None) -> torch.Tensor:
     if isinstance(input_size, bool) or not isinstance(input_size, int) or input_size < 1:
         raise LabellessError(f"input size must be a whole number of pixels >= 1, got {input_size!r}")
     return torch.zeros(*example.shape[:2], input_size, input_size)
+
+
+class _FixedAdaptiveAvgPool(nn.Module):
+    """``AdaptiveAvgPool2d`` for one input size as two averaging matrices (plain MatMuls in ONNX),
+    for the case torch's exporter refuses: an output size that is not a factor of the input's
+    (VGG's 7x7 from the 1x1 map of a 32-px image)."""
+
+    def __init__(self, in_size: tuple[int, int], out_size: tuple[int, int]):
+        super().__init__()
+        self.register_buffer("rows", _averaging(in_size[0], out_size[0]))
+        self.register_buffer("cols", _averaging(in_size[1], out_size[1]).T.contiguous())
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.matmul(torch.matmul(self.rows, x), self.cols)
+
+
+def _averaging(n_in: int, n_out: int) -> torch.Tensor:
+    """(n_out, n_in): row i averages inputs floor(i n_in / n_out) .. ceil((i+1) n_in / n_out) - 1, as
+    adaptive pooling does."""
+    matrix = torch.zeros(n_out, n_in)
+    for i in range(n_out):
+        start, end = (i * n_in) // n_out, -((-(i + 1) * n_in) // n_out)
+        matrix[i, start:end] = 1.0 / (end - start)
+    return matrix
+
+
+def _exportable_pooling(model: nn.Module, example: torch.Tensor) -> nn.Module:
+    """``model`` with each AdaptiveAvgPool2d whose output size is no factor of its input size at
+    ``example``'s size replaced by :class:`_FixedAdaptiveAvgPool` (the graph then keeps that size)."""
+    sizes: dict[str, tuple[int, int]] = {}
+    pools = {name: m for name, m in model.named_modules() if isinstance(m, nn.AdaptiveAvgPool2d)}
+    def record(name: str):
+        def hook(module, inputs, output) -> None:  # returns None: the output stays as it is
+            sizes.setdefault(name, tuple(inputs[0].shape[-2:]))
+        return hook
+
+    hooks = [m.register_forward_hook(record(name)) for name, m in pools.items()]
+    try:
+        with torch.no_grad():
+            model(example)
+    finally:
+        for hook in hooks:
+            hook.remove()
+    for name, size in sizes.items():
+        out = tuple(pools[name](torch.zeros(1, 1, *size)).shape[-2:])
+        if any(i % o for i, o in zip(size, out)):
+            parent, _, child = name.rpartition(".")
+            setattr(model.get_submodule(parent) if parent else model, child, _FixedAdaptiveAvgPool(size, out))
+    return model
 
 
 def _export_any_size(model: nn.Module, example: torch.Tensor, opset: int, exporter: str):

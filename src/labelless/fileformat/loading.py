@@ -71,26 +71,34 @@ def _target_model(lless: LlessFile, model: nn.Module | None, max_params: int) ->
         raise FileFormatError(f"{lless.path}: the architecture in the file is unusable: {exc}") from None
     if spec is None:
         raise LabellessError(f"{lless.path} holds a custom model: pass a freshly built one, load(path, model=...)")
-    skeleton = _meta_model(spec, lless.path)
+    skeleton = _meta_model(spec, lless, max_params)
     n_params = sum(v.numel() for v in skeleton.state_dict().values())
     if n_params > max_params:
         raise FileFormatError(f"{lless.path}: declares a model of {n_params} values, above the limit of {max_params}")
     _check_shapes(skeleton, lless)
+    if not any(p.is_meta for p in skeleton.parameters()):
+        return skeleton  # built for real (see _meta_model)
     persistent = set(skeleton.state_dict())
     if any(name not in persistent for name, _ in skeleton.named_buffers()):
         return build_model(spec)  # non-persistent buffers need their real initial values
     return skeleton.to_empty(device="cpu")
 
 
-def _meta_model(spec: ModelSpec, path: Path) -> nn.Module:
-    """The architecture without memory: its shapes are checked before anything is allocated."""
+def _meta_model(spec: ModelSpec, lless: LlessFile, max_params: int) -> nn.Module:
+    """The architecture without memory, so that its shapes are checked before anything is allocated.
+
+    Some torchvision code cannot run on the meta device (regnet_* computes its widths with
+    tensors): those models are built for real, once the file's own tensors are known to fit
+    ``max_params`` -- the size of a real build is then the named architecture's, not the file's.
+    """
     try:
         return build_model(spec, device="meta")
-    except Exception as exc:  # torchvision code that cannot run on the meta device (regnet_*)
-        raise FileFormatError(
-            f"{path}: labelless cannot rebuild {spec.name} without allocating it ({short(exc)}): "
-            "please report this as a labelless bug; load(path, model=...) with a freshly built model works"
-        ) from None
+    except Exception as exc:  # noqa: BLE001 - any failure on meta: build it for real, bounded
+        declared = sum(math.prod(entry["shape"]) for entry in lless.header["tensors"].values())
+        if declared > max_params:
+            raise FileFormatError(f"{lless.path}: declares {declared} values, above the limit of {max_params}") from None
+        log.debug("%s cannot be built on the meta device (%s): building it for real", spec.name, short(exc))
+        return build_model(spec)
 
 
 def _check_shapes(model: nn.Module, lless: LlessFile) -> None:
