@@ -272,3 +272,11 @@ def test_retrain_with_the_wrong_teacher_names_what_to_give_not_flags_it_lacks(tm
     err = capsys.readouterr().err
     assert code == 2 and "does not fit resnet18" in err and f"the checkpoint {model} was quantized from" in err
     assert "--num-classes" not in err and not (tmp_path / "r.lless").exists()
+
+
+def test_search_writes_plan_files_only_and_says_when_the_additive_prediction_is_past_meaning(tmp_path, capsys):
+    from labelless.cli.search import _points
+
+    assert main(["search", str(tmp_path), "--max-drop", "1", "-o", str(tmp_path / "p.txt")]) == 2
+    assert ".yaml, .yml or .json" in capsys.readouterr().err and not (tmp_path / "p.txt").exists()
+    assert _points(1080.08) == "over 100" and _points(0.5) == "0.50"

@@ -37,6 +37,8 @@ def add_parser(subparsers) -> None:
 
 def run(args: argparse.Namespace) -> int:
     check_output_dir(args.output)
+    if Path(args.output).suffix.lower() not in (".yaml", ".yml", ".json"):
+        raise LabellessError(f"-o {args.output!r}: a plan file ends in .yaml, .yml or .json")
     check_device(args.device)
     args.smaller_by = fraction(args.smaller_by, "--smaller-by") if args.smaller_by is not None else None
     folder = Path(args.sweep_dir)
@@ -56,14 +58,20 @@ def run(args: argparse.Namespace) -> int:
     best = found.best
     found.best.plan().save(args.output, header=f"labelless search: {best.bytes} bytes, measured {args.metric} drop "
                            f"{best.measured_drop:.2f} points (budget {args.max_drop} points, {_size_text(args)}), "
-                           f"predicted {best.predicted_drop:.2f}")
+                           f"predicted {_points(best.predicted_drop)}")
     atomic_write_json(Path(args.output).with_suffix(".search.json"), found.to_dict())
     plot_search(found, result.reference["fp32_bytes"], Path(args.output).with_suffix(".search.png"))
-    rows = [(c.bytes, f"{100 * (1 - c.bytes / result.reference['fp32_bytes']):.2f}%", c.predicted_drop, c.measured_drop,
+    rows = [(c.bytes, f"{100 * (1 - c.bytes / result.reference['fp32_bytes']):.2f}%", _points(c.predicted_drop),
+             c.measured_drop,
              "<- chosen" if c is best else "") for c in found.alternatives]
     print(format_table(rows, ["bytes", "smaller by", "predicted drop", "measured drop", ""]))
     print(f"plan -> {args.output}")
     return 0
+
+
+def _points(predicted: float) -> str:
+    """The additive prediction (a sum of single-tensor drops) as points; past 100 it says only that."""
+    return f"{predicted:.2f}" if predicted <= 100 else "over 100"
 
 
 def _size_text(args: argparse.Namespace) -> str:
