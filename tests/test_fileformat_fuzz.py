@@ -427,9 +427,32 @@ def test_shared_tensor_stored_as_two_in_the_file_is_rejected(tmp_path):
     _load_refused(path, "are one tensor in the model but two in the file", model=fuzz.TiedNet())
 
 
-def test_architecture_that_cannot_be_built_on_meta_is_a_clear_error(spec_file, tmp_path):
-    change = lambda h: h["architecture"].update(name="regnet_x_400mf", small_input=False)  # noqa: E731
-    _load_refused(_rewrite_header(spec_file, tmp_path / "m.lless", change), "cannot rebuild regnet_x_400mf")
+def test_an_architecture_the_meta_device_cannot_build_is_checked_without_allocating_it(spec_file, tmp_path,
+                                                                                     monkeypatch):
+    # regnet computes its widths with tensors; a small file naming its largest form must not make
+    # load allocate 1.4 billion values before the shapes are found to differ
+    change = lambda h: h["architecture"].update(name="regnet_y_128gf", small_input=False,  # noqa: E731
+                                                num_classes=100000)
+    monkeypatch.setattr(torch.nn.Module, "to_empty", lambda *a, **k: pytest.fail("allocated"))
+    _load_refused(_rewrite_header(spec_file, tmp_path / "m.lless", change), "above the limit")
+
+
+def test_the_skeleton_of_such_an_architecture_keeps_every_large_tensor_on_the_meta_device():
+    from labelless.fileformat.loading import _SmallOnCpu
+
+    with _SmallOnCpu():
+        model = labelless.build_model(labelless.ModelSpec("regnet_y_128gf", num_classes=100000))
+    assert sum(p.numel() for p in model.parameters()) > 1e9
+    assert all(p.is_meta for p in model.parameters() if p.numel() > _SmallOnCpu.limit)
+
+
+def test_a_regnet_file_loads_bit_exactly(tmp_path):
+    model = labelless.build_model(labelless.ModelSpec("regnet_x_400mf", num_classes=10, image_size=32)).eval()
+    quantized = labelless.quantize(model, [{"layers": "*", "weights": 16}])
+    labelless.save(quantized, tmp_path / "r.lless")
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        assert torch.equal(labelless.load(tmp_path / "r.lless")(x), quantized(x))
 
 
 # -- known gap -----------------------------------------------------------------------------------

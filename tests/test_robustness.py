@@ -164,7 +164,7 @@ def _train(data: str, output: str = "{out}/t.safetensors", model=MODEL, extra=()
 
 FILE_CASES = {
     "weights missing": (_quantize(weights="{tmp}/missing.safetensors"), ("weights file", "does not exist")),
-    "weights is a folder": (_quantize(weights="{tmp}"), ("weights file", "is a folder")),
+    "weights is a folder": (_quantize(weights="{tmp}"), ("holds none of model.safetensors", "weights file")),
     "plan missing": (_quantize(plan="{tmp}/missing.yaml"), ("plan file", "does not exist")),
     "plan is a folder": (_quantize(plan="{tmp}"), ("plan file", "is a folder")),
     "inspect: file missing": (["inspect", "{tmp}/missing.lless"], ("does not exist",)),

@@ -99,7 +99,9 @@ def test_a_timm_model_round_trips_bit_exactly(tmp_path):
 @needs_timm
 def test_timm_names_are_checked():
     with pytest.raises(ModelError, match="timm has no model"):
-        labelless.ModelSpec("timm:no_such_net")
+        labelless.build_model(labelless.ModelSpec("timm:no_such_net"))
+    with pytest.raises(ModelError, match="must read timm:NAME"):
+        labelless.ModelSpec("timm:no such net")
     with pytest.raises(ModelError, match="no small-input stem"):
         labelless.ModelSpec("timm:resnet18", small_input=True)
 
@@ -136,3 +138,28 @@ def test_torchvision_weight_names_come_from_the_local_hub_cache_only(tmp_path):
             (0.485, 0.456, 0.406))
     finally:
         torch.hub.set_dir(before)
+
+
+def test_a_file_of_a_custom_model_is_built_within_the_size_limit_from_its_own_arguments(nets, tmp_path):
+    _, path = _saved_custom(nets, tmp_path)
+    with pytest.raises(labelless.FileFormatError, match="above the limit"):
+        labelless.load(path, custom=f"{nets}:Net", max_params=10)
+
+
+@pytest.mark.parametrize("args", [{"width": float("nan")}, {"when": __import__("datetime").date(2026, 1, 1)},
+                                  {"a": {1: "x"}}])
+def test_model_arguments_must_survive_json(args):
+    with pytest.raises(ModelError, match="plain values"):
+        labelless.ModelSpec("pkg.mod:Net", model_args=args)
+
+
+def test_search_refuses_a_sweep_of_a_custom_model_unless_it_is_named(nets, tmp_path, capsys):
+    import json
+
+    (tmp_path / "sw").mkdir()
+    config = {"model": f"{nets}:Net", "num_classes": 10, "in_channels": 1, "small_input": False, "image_size": 12,
+              "weights": None, "unlabeled": "digits", "labeled": None, "limit": 8, "seed": 0, "batch_size": 8}
+    (tmp_path / "sw" / "config.json").write_text(json.dumps(config))
+    assert main(["search", "sw", "--max-drop", "1", "-o", "p.yaml"]) == 2
+    assert f"give --model {nets}:Net" in capsys.readouterr().err
+    assert not (tmp_path / "imported").exists()

@@ -83,8 +83,9 @@ class ModelSpec:
                 f"resnet18, resnet50, vgg16_bn, mobilenet_v2 (`labelless models` lists them all), "
                 f"timm:NAME or your own package.module:ClassName"
             )
-        if not isinstance(self.model_args, dict) or not all(isinstance(k, str) for k in self.model_args):
-            raise ModelError(f"model arguments must be a mapping of names to values, got {self.model_args!r}")
+        if not _plain_json(self.model_args):
+            raise ModelError(f"model arguments must be a mapping of names to plain values (numbers, strings, "
+                             f"lists, mappings with string keys; no NaN), got {self.model_args!r}")
         zoo.check_name(self.name, self.model_args)
         if self.small_input and (source != "torchvision" or self.name.startswith(_NO_SMALL_INPUT)):
             raise ModelError(f"{self.name} has no small-input stem: drop --small-input")
@@ -135,6 +136,14 @@ class ModelSpec:
 
     def example_input(self, batch: int = 1, device: str | torch.device = "cpu") -> torch.Tensor:
         return torch.zeros(batch, self.in_channels, self.image_size, self.image_size, device=device)
+
+
+def _plain_json(value: Any) -> bool:
+    """Whether ``value`` is a mapping that JSON stores and reads back as itself."""
+    try:
+        return isinstance(value, dict) and json.loads(json.dumps(value, allow_nan=False)) == value
+    except (TypeError, ValueError):
+        return False
 
 
 def _finite_number(value: Any) -> bool:
@@ -204,7 +213,8 @@ def check_input_size(spec: ModelSpec) -> None:
     except RuntimeError as exc:
         if any(text in str(exc) for text in _TOO_SMALL):
             size = spec.image_size
-            stem = not (spec.small_input or spec.name.startswith(_NO_SMALL_INPUT + ("vgg",)))
+            stem = zoo.model_source(spec.name) == "torchvision" and not (
+                spec.small_input or spec.name.startswith(_NO_SMALL_INPUT + ("vgg",)))
             hint = " or add --small-input" if stem else ""
             raise ModelError(f"{spec.name} cannot take {size}x{size} input ({_first_line(exc)}): "
                              f"give a larger --image-size{hint}") from None
@@ -280,7 +290,14 @@ def tensor_bytes(tensor: torch.Tensor) -> bytes:
 
 
 WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin", "model.pt", "model.pth")
-_WEIGHTS_NAME = re.compile(r"^\w+_Weights\.\w+$")
+_WEIGHTS_NAME = re.compile(r"\w+_Weights\.\w+")
+# their checkpoints hold keys torchvision's builders remap or drop (aux heads, legacy names)
+_UNMAPPED_WEIGHTS = ("GoogLeNet_Weights", "Inception_V3_Weights", "DenseNet")
+
+
+def is_weights_name(value: str) -> bool:
+    """Whether ``value`` reads like a torchvision weights name (``ResNet18_Weights.IMAGENET1K_V1``)."""
+    return bool(_WEIGHTS_NAME.fullmatch(str(value))) and not Path(value).exists()
 
 
 def weights_file(path: str | Path) -> Path:
@@ -292,12 +309,15 @@ def weights_file(path: str | Path) -> Path:
         if found is None:
             raise ModelError(f"folder {str(path)!r} holds none of {', '.join(WEIGHT_FILES)}: give the weights file")
         return found
-    if not path.exists() and _WEIGHTS_NAME.match(str(path)):
+    if is_weights_name(str(path)):
         return _cached_torchvision_weights(str(path))
     return path
 
 
 def _cached_torchvision_weights(name: str) -> Path:
+    if name.startswith(_UNMAPPED_WEIGHTS):
+        raise ModelError(f"{name}: labelless does not map these checkpoints' keys (auxiliary heads, legacy names) "
+                         f"yet: load them with torchvision, save model.state_dict(), and give that file")
     try:
         weights = torchvision.models.get_weight(name)
     except (ValueError, KeyError, AttributeError):
@@ -346,7 +366,7 @@ def stored_normalisation(path: str | Path) -> tuple[tuple[float, ...], tuple[flo
     """The (mean, std) :func:`save_checkpoint` stored in a safetensors file; None if there are none."""
     from safetensors import safe_open
 
-    if not Path(path).exists() and _WEIGHTS_NAME.match(str(path)):
+    if is_weights_name(str(path)):
         return _torchvision_normalisation(str(path))
     try:
         path = weights_file(path)
@@ -412,7 +432,7 @@ def _strip_prefixes(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     return state
 
 
-MODEL_FLAGS_ADVICE = "check --model, --num-classes, --in-channels and --small-input"
+MODEL_FLAGS_ADVICE = "check --model, --num-classes, --in-channels and --small-input (a custom model: --model-args)"
 
 
 def load_weights(model: nn.Module, path: str | Path, advice: str = MODEL_FLAGS_ADVICE) -> nn.Module:

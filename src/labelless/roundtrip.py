@@ -48,7 +48,7 @@ def round_trip(spec: ModelSpec, folder: str | Path | None = None, *, onnx: bool 
         folder = Path(folder or tmp)
         torch.manual_seed(0)
         steps: dict[str, Any] = {"model": spec.name, "image_size": spec.image_size}
-        model = build_model(spec).eval()
+        model = _timed(steps, "build", lambda: build_model(spec).eval())
         x = torch.rand(2, spec.in_channels, spec.image_size, spec.image_size)
         quantized = _timed(steps, "quantize", lambda: quantize(model, PLAN))
         report = _timed(steps, "save", lambda: save(quantized, folder / "m.lless", entropy="none"))

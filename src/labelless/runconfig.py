@@ -19,7 +19,7 @@ from .errors import LabellessError
 from .evaluate import check_device
 from .io import check_input_file, is_writable_folder
 from .layers import list_layers
-from .models import ModelSpec, build_model, check_input_size
+from .models import ModelSpec, build_model, check_input_size, weights_file
 from .plan import load_plan
 from .retrain import RetrainConfig
 from .search import size_budget
@@ -208,7 +208,7 @@ def _check_model(section: ModelSection) -> ModelSpec:
                      std=section.std)
     check_input_size(spec)
     if section.weights:
-        check_input_file(section.weights, "model.weights file")
+        check_input_file(weights_file(section.weights), "model.weights file")
     return spec
 
 

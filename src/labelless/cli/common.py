@@ -13,7 +13,7 @@ from torch import nn
 
 from ..errors import LabellessError
 from ..io import atomic_write_json
-from ..models import ModelSpec, build_model, check_input_size, load_weights, stored_normalisation
+from ..models import ModelSpec, build_model, check_input_size, is_weights_name, load_weights, stored_normalisation
 
 log = logging.getLogger(__name__)
 
@@ -168,7 +168,7 @@ def _absolute(key: str, value: Any) -> Any:
     if not isinstance(value, str) or not value:
         return value
     if key in _PATH_KEYS:
-        return str(Path(value).expanduser().absolute())
+        return value if is_weights_name(value) else str(Path(value).expanduser().absolute())
     for prefix in _PATH_SPECS:
         if value.startswith(prefix):
             return prefix + str(Path(value[len(prefix):]).expanduser().absolute())

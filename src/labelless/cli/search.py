@@ -12,10 +12,12 @@ from ..errors import LabellessError
 from ..evaluate import check_device, resolve_device
 from ..importance import load_importance
 from ..io import atomic_write_json, check_output_dir
+from ..models import is_weights_name
 from ..report import format_table, plot_search
 from ..search import make_evaluator, search
 from ..sensitivity import SweepResult, prepare_reference
-from .common import add_device_arg, fraction, model_from_args
+from ..zoo import model_source
+from .common import add_custom_arg, add_device_arg, fraction, model_from_args
 from .sweep import IMPORTANCE_FILE, open_data
 
 
@@ -31,6 +33,7 @@ def add_parser(subparsers) -> None:
                         help="agreement with the original on the sweep's unlabelled images (default), or accuracy "
                              "on its --eval test set")
     add_device_arg(parser)
+    add_custom_arg(parser)
     parser.add_argument("-o", "--output", required=True, help="the plan file to write (.yaml or .json)")
     parser.set_defaults(run=run)
 
@@ -42,7 +45,7 @@ def run(args: argparse.Namespace) -> int:
     check_device(args.device)
     args.smaller_by = fraction(args.smaller_by, "--smaller-by") if args.smaller_by is not None else None
     folder = Path(args.sweep_dir)
-    sweep_args = _sweep_args(folder)
+    sweep_args = _sweep_args(folder, args.custom)
     _read_json(folder / "sweep.json", "no finished sweep")  # a clear error for a cut or edited file
     result = SweepResult.from_dir(folder)
     model = model_from_args(sweep_args)
@@ -84,7 +87,7 @@ _SWEEP_ARGS = ("model", "num_classes", "in_channels", "small_input", "image_size
                "limit", "seed", "batch_size")
 
 
-def _sweep_args(folder: Path) -> argparse.Namespace:
+def _sweep_args(folder: Path, custom: str | None) -> argparse.Namespace:
     """The flags the sweep in ``folder`` ran with (its ``config.json``)."""
     if not folder.is_dir():
         raise LabellessError(f"sweep folder {str(folder)!r} does not exist or is not a folder: "
@@ -94,10 +97,13 @@ def _sweep_args(folder: Path) -> argparse.Namespace:
     if missing:
         raise LabellessError(f"{folder}/config.json lacks {missing}: it was not written by `labelless sweep`; "
                              f"run the sweep again")
-    if data["weights"] and not Path(data["weights"]).is_file():
+    if data["weights"] and not (is_weights_name(data["weights"]) or Path(data["weights"]).exists()):
         raise LabellessError(f"the weights {data['weights']!r} named in {folder}/config.json do not exist: "
                              f"put them back, or run the sweep again with --weights")
     data["mean"], data["std"] = tuple(data.get("mean") or ()), tuple(data.get("std") or ())
+    if model_source(data["model"]) == "custom" and custom != data["model"]:
+        raise LabellessError(f"the sweep in {folder} is of the custom model {data['model']}: labelless imports no "
+                             f"code a file names; give --model {data['model']} to search it")
     return argparse.Namespace(**data)
 
 

@@ -13,6 +13,7 @@ from .. import distributed
 from ..data import Preprocess, open_images
 from ..evaluate import check_device
 from ..importance import DEFAULT_IMAGES, fisher_importance, save_importance
+from ..models import weights_file
 from ..plan import GRANULARITIES
 from ..sensitivity import DEFAULT_CLUSTERS, SweepConfig, sweep
 from .common import (
@@ -76,8 +77,9 @@ def run(args: argparse.Namespace) -> int:
     unlabeled, labeled = open_data(args, spec)
     if distributed.is_main():
         out.mkdir(parents=True, exist_ok=True)
-    weights = os.stat(args.weights)
-    identity = {"args": {k: v for k, v in vars(args).items() if k not in ("run", "output", "device", "verbose", "quiet")},
+    weights = os.stat(weights_file(args.weights))
+    skip = ("run", "output", "device", "verbose", "quiet") + (() if args.model_args else ("model_args",))
+    identity = {"args": {k: v for k, v in vars(args).items() if k not in skip},  # earlier sweeps still resume
                 "weights": [weights.st_size, weights.st_mtime_ns]}
     if distributed.is_main():
         write_config(out / "config.json", args, spec=spec.to_dict())

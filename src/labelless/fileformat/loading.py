@@ -40,25 +40,26 @@ def load(path: str | Path, model: nn.Module | None = None, *, max_params: int = 
         >>> mine = load("net.lless", custom="mymodels:Net")
     """
     lless = read(path)
-    target = _target_model(lless, model or _custom_model(lless, custom), max_params)
+    if model is None:
+        _check_trusted(lless, custom)
+    target = _target_model(lless, model, max_params)
     _fill(target, lless)
     target.eval()
     return target
 
 
-def _custom_model(lless: LlessFile, custom: str | None) -> nn.Module | None:
-    """The custom class the file's spec names, built, when the caller named it too."""
+def _check_trusted(lless: LlessFile, custom: str | None) -> None:
+    """Refuse a file whose spec names a custom class unless the caller named that same class."""
     try:
         spec = lless.spec
     except ModelError:
-        return None  # _target_model says what is wrong with it
-    if spec is None or zoo.model_source(spec.name) != "custom":
-        return None
-    if custom != spec.name:
+        return  # _target_model says what is wrong with it
+    if custom is not None and (spec is None or zoo.model_source(spec.name) != "custom"):
+        log.warning("%s holds no custom model: the custom class %s is not used", lless.path, custom)
+    if spec is not None and zoo.model_source(spec.name) == "custom" and custom != spec.name:
         raise LabellessError(f"{lless.path} holds the custom model {spec.name}: labelless imports no code a file "
                              f"names; name it yourself (--model {spec.name} on the command line, "
                              f"load(path, custom=\"{spec.name}\") in Python)")
-    return build_model(spec)
 
 
 def _target_model(lless: LlessFile, model: nn.Module | None, max_params: int) -> nn.Module:
@@ -76,29 +77,56 @@ def _target_model(lless: LlessFile, model: nn.Module | None, max_params: int) ->
     if n_params > max_params:
         raise FileFormatError(f"{lless.path}: declares a model of {n_params} values, above the limit of {max_params}")
     _check_shapes(skeleton, lless)
-    if not any(p.is_meta for p in skeleton.parameters()):
-        return skeleton  # built for real (see _meta_model)
+    if not any(t.is_meta for t in (*skeleton.parameters(), *skeleton.buffers())):
+        return skeleton  # nothing was left on the meta device (see _meta_model)
     persistent = set(skeleton.state_dict())
-    if any(name not in persistent for name, _ in skeleton.named_buffers()):
-        return build_model(spec)  # non-persistent buffers need their real initial values
+    if zoo.model_source(spec.name) == "custom" or any(name not in persistent for name, _ in skeleton.named_buffers()):
+        return build_model(spec)  # the user's own code, or non-persistent buffers: real initial values
     return skeleton.to_empty(device="cpu")
 
 
 def _meta_model(spec: ModelSpec, lless: LlessFile, max_params: int) -> nn.Module:
     """The architecture without memory, so that its shapes are checked before anything is allocated.
 
-    Some torchvision code cannot run on the meta device (regnet_* computes its widths with
-    tensors): those models are built for real, once the file's own tensors are known to fit
-    ``max_params`` -- the size of a real build is then the named architecture's, not the file's.
+    Some torchvision code cannot run entirely on the meta device (regnet_* computes its widths
+    with tensors): it is built again with only small tensors on the CPU (:class:`_SmallOnCpu`),
+    so that a file naming a huge model still allocates nothing big before its shapes are checked.
     """
     try:
         return build_model(spec, device="meta")
-    except Exception as exc:  # noqa: BLE001 - any failure on meta: build it for real, bounded
-        declared = sum(math.prod(entry["shape"]) for entry in lless.header["tensors"].values())
-        if declared > max_params:
-            raise FileFormatError(f"{lless.path}: declares {declared} values, above the limit of {max_params}") from None
-        log.debug("%s cannot be built on the meta device (%s): building it for real", spec.name, short(exc))
-        return build_model(spec)
+    except Exception:  # noqa: BLE001 - retried with the small tensors real
+        pass
+    try:
+        with _SmallOnCpu():
+            return build_model(spec)
+    except Exception as exc:  # noqa: BLE001 - cannot be rebuilt without allocating it: refuse
+        raise FileFormatError(f"{lless.path}: labelless cannot rebuild {spec.name} without allocating it "
+                              f"({short(exc)}): load(path, model=...) with a freshly built model works") from None
+
+
+class _SmallOnCpu(torch.overrides.TorchFunctionMode):
+    """Tensor factories for the CPU make tensors of at most ``limit`` values there (the arithmetic
+    some constructors do), bigger ones on the meta device (the parameters)."""
+
+    FACTORIES = {torch.empty, torch.zeros, torch.ones, torch.full, torch.rand, torch.randn, torch.randint}
+    limit = 1 << 16
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = dict(kwargs or {})
+        # build_model's torch.device("cpu") has set the device already: the CPU counts as none given
+        if func in self.FACTORIES and str(kwargs.get("device") or "cpu") == "cpu":
+            kwargs["device"] = "meta" if _requested_values(func, args) > self.limit else "cpu"
+        return func(*args, **kwargs)
+
+
+def _requested_values(func, args: tuple) -> int:
+    """The number of values a factory call asks for (its size arguments)."""
+    sizes = args[1] if func is torch.randint and len(args) > 1 else args
+    if func is torch.full:
+        sizes = args[:1]
+    if len(sizes) == 1 and isinstance(sizes[0], (tuple, list, torch.Size)):
+        sizes = sizes[0]
+    return math.prod(int(d) for d in sizes if isinstance(d, int)) if sizes else 0
 
 
 def _check_shapes(model: nn.Module, lless: LlessFile) -> None:
