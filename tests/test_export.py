@@ -195,8 +195,13 @@ def test_model_source_needs_an_input_shape(tiny, tmp_path):
         export_onnx(custom, tmp_path / "m.onnx")
 
 
+class _Unexportable(torch.nn.Module):
+    def forward(self, x):  # no ONNX op computes singular values
+        return x * torch.linalg.svdvals(x.flatten(2)).sum()
+
+
 def test_what_torch_cannot_export_is_a_clear_error(tmp_path):
-    model = torch.nn.Sequential(torch.nn.Conv2d(1, 2, 3), torch.nn.AdaptiveAvgPool2d(3))  # 2x2 -> 3x3
+    model = torch.nn.Sequential(torch.nn.Conv2d(1, 2, 3), _Unexportable())
     quantized = labelless.quantize(model, [{"layers": "*", "weights": 2}])
     with pytest.raises(labelless.LabellessError, match="cannot export this model.*--exporter dynamo"):
         export_onnx(quantized, tmp_path / "m.onnx", example_input=torch.zeros(1, 1, 4, 4), exporter="torchscript")

@@ -97,8 +97,8 @@ def export_onnx(
     check_output_dir(path)
     model, example, spec, lless_bytes = _source_model(source, spec, example_input, custom)
     example = _resized(example, input_size)
-    dense = dequantize(model).eval().to("cpu", torch.float32)
-    proto, dynamic_size = _export_any_size(_exportable_pooling(dense, example), example, opset, exporter)
+    plain = dequantize(model).eval().to("cpu", torch.float32)
+    proto, dynamic_size = _export_any_size(_exportable_pooling(plain, example), example, opset, exporter)
     counts = {"compressed_tensors": 0, "kept_dense_tensors": 0}
     if not dense:
         counts = _compress_graph(proto.graph, quantized_tensors(model))
