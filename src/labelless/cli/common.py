@@ -11,6 +11,7 @@ from typing import Any
 
 from torch import nn
 
+from ..data import SPEC_FORMS
 from ..errors import LabellessError
 from ..io import atomic_write_json
 from ..models import ModelSpec, build_model, check_input_size, is_weights_name, load_weights, stored_normalisation
@@ -73,10 +74,8 @@ def add_device_arg(parser: argparse.ArgumentParser) -> None:
 def add_unlabeled_arg(parser, required: bool = False, help: str = "unlabelled images") -> None:
     """``--unlabeled SPEC``, also spelt ``--unlabelled``."""
     parser.add_argument("--unlabeled", "--unlabelled", dest="unlabeled", required=required, default=None,
-                        metavar="SPEC", help=f"{help}: {DATA_SPECS}")
+                        metavar="SPEC", help=f"{help}: {SPEC_FORMS}")
 
-
-DATA_SPECS = "fashion-mnist, mnist, digits, imagefolder:PATH, images:PATH or npz:PATH"
 
 
 def _floats(text: str) -> tuple[float, ...]:

@@ -15,7 +15,7 @@ from ..io import check_output_dir
 from ..plan import load_plan
 from ..quantize import quantize
 from ..report import inspect_table
-from .common import add_model_args, add_skip_unreadable, model_from_args
+from .common import add_model_args, add_skip_unreadable, add_unlabeled_arg, model_from_args
 
 log = logging.getLogger(__name__)
 
@@ -32,9 +32,8 @@ def add_parser(subparsers) -> None:
 
 def add_importance_args(parser: argparse.ArgumentParser) -> None:
     group = parser.add_argument_group("label-free importance")
-    group.add_argument("--unlabeled", "--unlabelled", default=None, metavar="SPEC",
-                       help="unlabelled images: weight the k-means by each weight's Fisher importance on them "
-                            "(labels are never read); without it, plain squared error")
+    add_unlabeled_arg(group, help="unlabelled images: weight the k-means by each weight's Fisher importance on "
+                                  "them (labels are never read; without it, plain squared error)")
     group.add_argument("--limit", type=int, default=DEFAULT_IMAGES,
                        help=f"images the importance is averaged over (default {DEFAULT_IMAGES})")
     add_skip_unreadable(group)
