@@ -215,6 +215,15 @@ def test_the_recovery_line_says_what_retraining_won_back(best_epoch, labeled, ex
     assert line.startswith("Quantization cost 5.00 points of accuracy; label-free") and line.endswith(expected)
 
 
+def test_without_labels_the_recovery_line_is_in_agreement_and_says_no_accuracy_was_measured():
+    from labelless.report import recovery_line
+
+    report = {"original": {"accuracy": None, "agreement": 100.0}, "quantized": {"accuracy": None, "agreement": 91.0},
+              "retrained_labelfree": {"accuracy": None, "agreement": 96.5, "best_epoch": 1}}
+    assert recovery_line(report) == ("Quantization cost 9.00 points of agreement with the original (no accuracy was "
+                                     "measured); label-free retraining won back +5.50.")
+
+
 def test_models_lists_what_model_accepts_and_the_unknown_model_error_points_there(capsys):
     assert main(["models", "--json"]) == 0
     names = json.loads(capsys.readouterr().out)

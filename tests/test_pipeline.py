@@ -64,9 +64,100 @@ def test_the_search_judges_plans_as_quantized_when_no_image_is_left_apart_from_t
     from labelless.models import ModelSpec
     from labelless.runconfig import DataSection, RunConfig, SweepSection
 
-    # the sweep takes more than the 8x8 digits' 1,437 training images: none is left to retrain on
+    # the sweep takes more than the 8x8 digits' 1,433 training images: none is left to retrain on
     config = RunConfig(sweep=SweepSection(limit=5000), data=dataclasses.replace(DataSection(), unlabeled="digits"))
     run = pipeline._Run(config, None, torch.device("cpu"), spec=ModelSpec("resnet18", in_channels=1, image_size=8))
     with caplog.at_level("WARNING", logger="labelless"):
         assert pipeline._after_retraining(run, None, None, None) is None
     assert any("judges plans as quantized" in r.getMessage() for r in caplog.records)
+
+
+def test_run_without_labels_reads_none_and_reports_label_free_figures(tmp_path, capsys, monkeypatch):
+    import labelless.data
+    from labelless.models import ModelSpec, build_model, save_checkpoint
+
+    spec = ModelSpec("resnet18", num_classes=10, in_channels=1, image_size=16, mean=(0.5,), std=(0.25,))
+    save_checkpoint(build_model(spec), tmp_path / "teacher.safetensors", spec)  # the user's own model
+    opened = []
+    real_open = labelless.data.open_images
+    monkeypatch.setattr(labelless.data, "open_images", lambda *a, **k: opened.append(k) or real_open(*a, **k))
+    config = {
+        "model": {"name": "resnet18", "image_size": 16, "weights": str(tmp_path / "teacher.safetensors")},
+        "data": {"test": None, "unlabeled_limit": 96, "test_limit": 48},
+        "sweep": {"clusters": [1, 16], "limit": 32, "importance": False},
+        "search": {"max_drop": 25.0, "smaller_by": None, "after_retraining": 0},
+        "quantize": {"compensate": False},
+        "retrain": {"epochs": 1, "batch_size": 32, "min_holdout": 10},
+        "out": str(tmp_path / "out"),
+    }
+    (tmp_path / "nolabels.yaml").write_text(yaml.safe_dump(config))
+    assert main(["run", str(tmp_path / "nolabels.yaml")]) == 0
+    assert opened and not any(k.get("labeled") for k in opened)  # no labelled set was even opened
+    out = tmp_path / "out"
+    report = json.loads((out / "report.json").read_text())
+    assert report["labeled_data"] is None and "retrained_labeled" not in report
+    assert not (out / "baseline.lless").exists()
+    assert report["evaluation"] == {"data": "mnist", "split": "train", "images": 48, "labeled": False}
+    for section in ("original", "quantized", "retrained_labelfree"):
+        assert report[section]["accuracy"] is None and 0 <= report[section]["agreement"] <= 100
+        assert report[section]["kl"] >= 0
+    assert report["original"]["agreement"] == 100.0 and report["original"]["kl"] == pytest.approx(0, abs=1e-6)
+    assert "no accuracy was measured" in capsys.readouterr().out
+    assert "no accuracy was measured" in (out / "report.md").read_text()
+
+
+def test_label_free_evaluation_images_are_held_apart_from_every_stage():
+    import dataclasses
+
+    import torch
+
+    from labelless import pipeline
+    from labelless.models import ModelSpec
+    from labelless.runconfig import DataSection, RunConfig, SearchSection, SweepSection
+
+    data = dataclasses.replace(DataSection(), unlabeled="digits", test=None, unlabeled_limit=300, test_limit=None)
+    config = RunConfig(data=data, sweep=SweepSection(limit=200, importance_images=400),
+                       search=SearchSection(retrain_images=150))
+    run = pipeline._Run(config, None, torch.device("cpu"), spec=ModelSpec("resnet18", in_channels=1, image_size=8))
+    held = pipeline._evaluation_set(run)
+    draws = [labelless_open("digits", limit=n) for n in (300, 200, 400, 512)]  # retraining, sweep, importance,
+    draws.append(labelless_open("digits", limit=150, after=200))  # compensation; the search's short retraining
+    seen = {bytes(x.numpy()) for x in torch.cat(draws)}
+    assert len(held) == len(labelless_open("digits")) - 512 and not any(bytes(x.numpy()) in seen for x in held_images(held))
+
+
+def labelless_open(spec, **options):
+    from labelless.data import open_images
+
+    return open_images(spec, size=8, channels=1, seed=0, **options).images
+
+
+def held_images(dataset):
+    return [dataset[i] for i in range(len(dataset))]
+
+
+def test_a_config_without_labels_is_checked_before_any_work():
+    from labelless.errors import LabellessError
+    from labelless.runconfig import RunConfig
+
+    with pytest.raises(LabellessError, match="data.test is empty: give a dataset spec .null: no labelled evaluation"):
+        RunConfig.from_data({"data": {"test": ""}})
+    with pytest.raises(LabellessError, match="data.unlabeled_limit is null"):
+        RunConfig.from_data({"data": {"test": None, "unlabeled_limit": None}})
+    assert not RunConfig.from_data({"data": {"test": None}}).runs_baseline  # no labels: no baseline either
+    assert not RunConfig.from_data({"data": {"baseline": None}}).runs_baseline
+    assert RunConfig().runs_baseline
+
+
+def test_an_original_near_chance_on_data_test_is_named(caplog):
+    import torch
+
+    from labelless import pipeline
+    from labelless.models import ModelSpec
+
+    run = pipeline._Run(pipeline.RunConfig(), None, torch.device("cpu"), spec=ModelSpec("resnet18", num_classes=10))
+    with caplog.at_level("WARNING", logger="labelless"):
+        pipeline._warn_if_chance(run, 80.0)
+        assert not caplog.records
+        pipeline._warn_if_chance(run, 18.4)  # a digits model scored on Fashion-MNIST, the default
+    assert "scores 18.40% on data.test fashion-mnist (chance is 10.00%)" in caplog.records[0].getMessage()

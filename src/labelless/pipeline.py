@@ -26,7 +26,7 @@ from .bncorrect import correct_batchnorm
 from .compensate import compensate
 from .config import to_mapping
 from .errors import DataError
-from .evaluate import accuracy, agreement, predict, resolve_device
+from .evaluate import accuracy, agreement, kl_divergence, predict, resolve_device
 from .fileformat import save
 from .importance import fisher_importance
 from .io import atomic_write_json, atomic_write_text
@@ -43,6 +43,8 @@ from .train import train_classifier
 __all__ = ["RunConfig", "run_pipeline"]
 
 log = logging.getLogger(__name__)
+
+NEAR_CHANCE = 0.15  # an original this share of the way from chance to 100% or less: warn about data.test
 
 @dataclass
 class _Run:
@@ -77,15 +79,17 @@ def run_pipeline(config: RunConfig) -> dict[str, Any]:
     _stage(run, "teacher", _teacher)
     distributed.broadcast_state(run.teacher)  # every rank goes on with rank 0's teacher
     preprocess = Preprocess.for_spec(run.spec).to(run.device)
-    test = _open(config.data.test, "test", True, run.spec, config.data.test_limit, config.seed)
+    test = _evaluation_set(run)
     run.report["original"] = _original(run, test, preprocess)
     importance = _stage(run, "importance", lambda r: _importance(r, preprocess))
     plan = _stage(run, "sweep and search", lambda r: _plan(r, preprocess, importance))
     quantized = _stage(run, "quantize", lambda r: _quantized(r, plan, importance, preprocess))
     run.report["quantized"] = _evaluate(run, quantized, test, preprocess, "quantized.lless")
     _stage(run, "label-free retraining", lambda r: _labelfree(r, quantized, test, preprocess))
-    if config.baseline:
+    if config.runs_baseline:
         _stage(run, "labelled retraining", lambda r: _labeled(r, quantized, test, preprocess))
+    elif config.baseline:
+        log.info("no labelled baseline: data.%s is null", "test" if not config.data.test else "baseline")
     return _finish(run, plan)
 
 
@@ -151,12 +155,59 @@ def _cached_teacher(run: _Run, train) -> nn.Module:
     return model.eval()
 
 
+def _evaluation_set(run: _Run):
+    """The labelled test set; or, with ``data.test`` null, unlabelled images of ``data.unlabeled``
+    that no other stage sees (drawn after all of theirs), so that no label is read anywhere."""
+    data, seed = run.config.data, run.config.seed
+    if data.test:
+        return _open(data.test, "test", True, run.spec, data.test_limit, seed)
+    after = _unlabeled_used(run.config)
+    try:
+        images = _open(data.unlabeled, "train", False, run.spec, data.test_limit, seed, after=after)
+    except DataError as exc:
+        raise DataError(f"data.test is null, so models are scored on unlabelled images no other stage uses "
+                        f"(after the first {after}): {exc}") from None
+    log.info("no labelled test set (data.test: null): every model is scored label-free, by agreement and KL "
+             "with the original on %d images of %s held apart from every other stage", len(images), data.unlabeled)
+    return images.unlabeled()
+
+
+def _unlabeled_used(config: RunConfig) -> int:
+    """How many images of the seeded draw of ``data.unlabeled`` the stages before evaluation use."""
+    used = [config.data.unlabeled_limit or 0, config.sweep.limit]
+    if config.sweep.importance:
+        used.append(config.sweep.importance_images)
+    if config.quantize.compensate or config.quantize.correct_bn:
+        used.append(config.quantize.images)
+    if config.search.after_retraining and not config.search.plan:
+        used.append(config.sweep.limit + config.search.retrain_images)
+    return max(used)
+
+
 def _original(run: _Run, test, preprocess) -> dict[str, Any]:
     from .fileformat import fp32_safetensors_bytes
 
     logits, labels = predict(run.teacher, test, preprocess, device=run.device, desc="evaluate original")
     run.test_logits = logits
-    return {"accuracy": accuracy(logits, labels), "bytes": fp32_safetensors_bytes(run.teacher)}
+    figures = dict(_scores(run, logits, labels), bytes=fp32_safetensors_bytes(run.teacher), images=len(logits))
+    _warn_if_chance(run, figures["accuracy"])
+    return figures
+
+
+def _scores(run: _Run, logits: torch.Tensor, labels: torch.Tensor | None) -> dict[str, Any]:
+    """Accuracy (None without labels), and agreement and KL with the original on the same images."""
+    return {"accuracy": accuracy(logits, labels) if labels is not None else None,
+            "agreement": agreement(logits, run.test_logits), "kl": kl_divergence(run.test_logits, logits)}
+
+
+def _warn_if_chance(run: _Run, score: float | None) -> None:
+    """One warning when the original model is barely above chance on ``data.test``: most likely a
+    test set of another task (the default, Fashion-MNIST, left in a config for digits)."""
+    chance = 100.0 / run.spec.num_classes
+    if score is not None and score < chance + NEAR_CHANCE * (100.0 - chance):
+        log.warning("the original model scores %.2f%% on data.test %s (chance is %.2f%%): is it the model's own "
+                    "task? set data.test to its test set, or null to score label-free", score, run.config.data.test,
+                    chance)
 
 
 def _importance(run: _Run, preprocess) -> dict[str, torch.Tensor] | None:
@@ -288,8 +339,7 @@ def _evaluate(run: _Run, model: nn.Module, test, preprocess, filename: str) -> d
                   codebook_dtype="float16" if storage.fp16_codebooks else "float32",
                   dense_dtype="float16" if storage.fp16_dense else "float32")
     logits, labels = predict(model, test, preprocess, device=run.device, desc=f"evaluate {filename}")
-    return {"accuracy": accuracy(logits, labels), "agreement": agreement(logits, run.test_logits),
-            "bytes": report["total_bytes"], "file": filename}
+    return dict(_scores(run, logits, labels), bytes=report["total_bytes"], file=filename)
 
 
 def _labelfree(run: _Run, quantized: nn.Module, test, preprocess) -> None:
@@ -339,7 +389,9 @@ def _finish(run: _Run, plan) -> dict[str, Any]:
         size_reduction=1 - final["bytes"] / report["original"]["bytes"],
         plan=plan.to_data(),
         unlabeled_data=config.data.unlabeled,
-        labeled_data=config.data.test,
+        labeled_data=config.data.test,  # None: no label was read, the figures are label-free
+        evaluation={"data": config.data.test or config.data.unlabeled, "split": "test" if config.data.test else "train",
+                    "images": report["original"]["images"], "labeled": bool(config.data.test)},
         model=run.spec.to_dict(),
         device=str(run.device),
         timings=run.timings,

@@ -171,25 +171,51 @@ def _pareto(plt, result):
 # -- the run report ------------------------------------------------------------------------
 
 
-def run_markdown(report: dict[str, Any]) -> str:
-    """``report.md``: what ``labelless run`` did, as a human summary."""
-    rows = []
-    names = [("original", "original (fp32)"), ("quantized", "quantized, before retraining"),
-             ("retrained_labelfree", f"retrained label-free on {report['unlabeled_data']}"),
-             ("retrained_labeled", "retrained with labels (baseline)")]
-    original = report["original"]
-    for key, label in names:
+_RUN_ROWS = (("original", "original (fp32)"), ("quantized", "quantized, before retraining"),
+             ("retrained_labelfree", "retrained label-free on {unlabeled}"),
+             ("retrained_labeled", "retrained with labels (baseline)"))
+
+
+def _run_rows(report: dict[str, Any], label: bool) -> list[tuple]:
+    """One row per model of the run: name, bytes, share saved, accuracy (None without labels),
+    agreement and KL with the original, retraining seconds."""
+    original, rows = report["original"], []
+    for key, name in _RUN_ROWS:
         if key in report:
             r = report[key]
-            rows.append((label, r["bytes"], f"{100 * (1 - r['bytes'] / original['bytes']):.2f}%",
-                         f"{r['accuracy']:.2f}", f"{r.get('agreement', 100.0):.2f}", r.get("seconds")))
-    table = _markdown_table(rows, ["model", "bytes", "smaller by", "accuracy %", "agreement %", "retrain s"])
+            accuracy = None if r.get("accuracy") is None else f"{r['accuracy']:.2f}"
+            kl = r.get("kl")
+            rows.append((name.format(unlabeled=report["unlabeled_data"]) if label else key, r["bytes"],
+                         f"{100 * (1 - r['bytes'] / original['bytes']):.2f}%", accuracy,
+                         f"{r.get('agreement', 100.0):.2f}", None if kl is None else f"{kl:.4f}", r.get("seconds")))
+    return rows
+
+
+_RUN_HEADERS = ["model", "bytes", "smaller by", "accuracy %", "agreement %", "KL", "retrain s"]
+
+
+def labeled_run(report: dict[str, Any]) -> bool:
+    """Whether the run measured accuracy (it had a labelled test set)."""
+    return report["original"].get("accuracy") is not None
+
+
+def _evaluated_on(report: dict[str, Any]) -> str:
+    where = report.get("evaluation", {})
+    if labeled_run(report):
+        return f"evaluated on `{report['labeled_data']}` (test split, {where.get('images', '?')} images)"
+    return (f"evaluated label-free on {where.get('images', '?')} images of `{report['unlabeled_data']}` held apart "
+            f"from every other stage (no labelled test set: **no accuracy was measured**; agreement and KL are "
+            f"with the original model)")
+
+
+def run_markdown(report: dict[str, Any]) -> str:
+    """``report.md``: what ``labelless run`` did, as a human summary."""
+    table = _markdown_table(_run_rows(report, label=True), _RUN_HEADERS)
     lines = [
         "# labelless run",
         "",
-        f"Model `{report['model']['name']}` ({report['model']['num_classes']} classes), evaluated on "
-        f"`{report['labeled_data']}` (test split); label-free retraining on `{report['unlabeled_data']}`; "
-        f"device `{report['device']}`.",
+        f"Model `{report['model']['name']}` ({report['model']['num_classes']} classes), {_evaluated_on(report)}; "
+        f"label-free retraining on `{report['unlabeled_data']}`; device `{report['device']}`.",
         "",
         table,
         "",
@@ -218,29 +244,25 @@ def _markdown_table(rows: Sequence[Sequence[Any]], headers: Sequence[str]) -> st
 
 
 def recovery_line(report: dict[str, Any]) -> str | None:
-    """What label-free retraining won back, and how far it is from labelled retraining, in points."""
+    """What label-free retraining won back, and how far it is from labelled retraining, in points
+    of accuracy (of agreement with the original when no label was read)."""
     quantized, free, labeled = (report.get(k) for k in ("quantized", "retrained_labelfree", "retrained_labeled"))
     if not quantized or not free:
         return None
     if free.get("skipped"):
         return f"Label-free retraining was skipped: {free['skipped']}."
-    lost = report["original"]["accuracy"] - quantized["accuracy"]
-    text = (f"Quantization cost {lost:.2f} points of accuracy; label-free retraining won back "
-            f"{free['accuracy'] - quantized['accuracy']:+.2f}")
+    metric = "accuracy" if labeled_run(report) else "agreement"
+    lost = report["original"].get(metric, 100.0) - quantized[metric]
+    what = "accuracy" if metric == "accuracy" else "agreement with the original (no accuracy was measured)"
+    text = (f"Quantization cost {lost:.2f} points of {what}; label-free retraining won back "
+            f"{free[metric] - quantized[metric]:+.2f}")
     if free.get("best_epoch") == 0:
         text += " (no epoch beat the start on the held-out images, so the quantized model was kept)"
     if labeled and not labeled.get("skipped"):
-        text += f", and lands {free['accuracy'] - labeled['accuracy']:+.2f} points from labelled retraining"
+        text += f", and lands {free[metric] - labeled[metric]:+.2f} points from labelled retraining"
     return text + "."
 
 
 def summary_table(report: dict[str, Any]) -> str:
     """The printed summary at the end of ``labelless run``."""
-    original = report["original"]
-    rows = []
-    for key in ("original", "quantized", "retrained_labelfree", "retrained_labeled"):
-        if key in report:
-            r = report[key]
-            rows.append((key, r["bytes"], f"{100 * (1 - r['bytes'] / original['bytes']):.2f}%",
-                         f"{r['accuracy']:.2f}", r.get("seconds")))
-    return format_table(rows, ["model", "bytes", "smaller by", "accuracy %", "retrain s"])
+    return format_table(_run_rows(report, label=False), _RUN_HEADERS)

@@ -77,14 +77,25 @@ class TeacherSection:
 class DataSection:
     unlabeled: str = option("mnist", 'the label-free retraining set (train split)')
     unlabeled_limit: int | None = option(2000, 'images of it used (null: all)')
-    test: str = option("fashion-mnist", 'labelled evaluation set (test split)')
-    test_limit: int | None = option(None, 'test images scored (null: all)')
-    baseline: str = option("fashion-mnist", 'labelled retraining set of the baseline (train split)')
+    test: str | None = option("fashion-mnist", 'labelled evaluation set (test split); null: no label anywhere, '
+                                               'every model scored by agreement and KL with the original on '
+                                               'unlabelled images held apart from every other stage')
+    test_limit: int | None = option(None, 'test images scored (null: all; with test null, the held-apart ones)')
+    baseline: str | None = option("fashion-mnist", 'labelled retraining set of the baseline (train split); '
+                                                   'null: no baseline')
     baseline_limit: int | None = option(2000, 'images of it used (null: all)')
 
     def __post_init__(self) -> None:
         for name in ("unlabeled_limit", "test_limit", "baseline_limit"):
             _limit(f"data.{name}", getattr(self, name))
+        for name, null in (("unlabeled", ""), ("test", " (null: no labelled evaluation)"),
+                           ("baseline", " (null: no labelled baseline)")):
+            if isinstance(getattr(self, name), str) and not getattr(self, name).strip():
+                raise LabellessError(f"data.{name} is empty: give a dataset spec{null}")
+        if self.test is None and self.unlabeled_limit is None:
+            raise LabellessError("data.test is null, so models are scored on unlabelled images held apart from "
+                                 "retraining's, but data.unlabeled_limit is null (retraining uses them all): "
+                                 "set data.unlabeled_limit below the number of unlabelled images")
 
 
 @dataclass(frozen=True)
@@ -173,7 +184,8 @@ class RunConfig:
     search: SearchSection = option(SearchSection(), 'the plan search and its budget')
     quantize: QuantizeSection = option(QuantizeSection(), 'how the plan is applied')
     retrain: RetrainConfig = option(RetrainConfig(epochs=2), "label-free retraining (the same fields as labelless retrain's flags)")
-    baseline: bool = option(True, 'also run conventional labelled retraining, for comparison')
+    baseline: bool = option(True, 'also run conventional labelled retraining, for comparison (only with '
+                                  'data.test and data.baseline set)')
     storage: StorageSection = option(StorageSection(), 'how the .lless file is stored')
     device: str = option("auto", 'auto, cpu, cuda, cuda:1 ...')
     seed: int = option(0, 'seed of subsets and shuffling')
@@ -183,6 +195,12 @@ class RunConfig:
         if self.version != CONFIG_VERSION:
             raise LabellessError(f"config version {self.version} is not one this labelless reads ({CONFIG_VERSION}): "
                                  f"start from `labelless run --print-config`")
+
+    @property
+    def runs_baseline(self) -> bool:
+        """Whether the labelled baseline runs: asked for, with labelled images to train it on and a
+        labelled test set to compare it on (a run without ``data.test`` reads no label at all)."""
+        return bool(self.baseline and self.data.baseline and self.data.test)
 
     @classmethod
     def from_data(cls, data: Any) -> "RunConfig":
@@ -215,11 +233,13 @@ def _check_model(section: ModelSection) -> ModelSpec:
 def _check_data(config: RunConfig) -> None:
     data = config.data
     specs = {"data.unlabeled": data.unlabeled, "data.test": data.test}
-    if config.baseline:
+    if config.runs_baseline:
         specs["data.baseline"] = data.baseline
     if not config.model.weights:
         specs["teacher.data"] = config.teacher.data
     for field, spec in specs.items():
+        if spec is None:
+            continue
         try:
             check_spec(spec)
         except LabellessError as exc:
