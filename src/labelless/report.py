@@ -203,9 +203,14 @@ def _evaluated_on(report: dict[str, Any]) -> str:
     where = report.get("evaluation", {})
     if labeled_run(report):
         return f"evaluated on `{report['labeled_data']}` (test split, {where.get('images', '?')} images)"
-    return (f"evaluated label-free on {where.get('images', '?')} images of `{report['unlabeled_data']}` held apart "
-            f"from every other stage (no labelled test set: **no accuracy was measured**; agreement and KL are "
-            f"with the original model)")
+    return f"evaluated label-free ({no_accuracy_line(report)})"
+
+
+def no_accuracy_line(report: dict[str, Any]) -> str:
+    """What a run without a labelled test set scored its models on, and that no accuracy was measured."""
+    return (f"no accuracy was measured (data.test is null): agreement and KL are with the original model on "
+            f"{report.get('evaluation', {}).get('images', '?')} images of `{report['unlabeled_data']}` held apart "
+            f"from every other stage")
 
 
 def run_markdown(report: dict[str, Any]) -> str:

@@ -7,7 +7,7 @@ import dataclasses
 
 from ..config import commented_yaml, load_yaml
 from ..pipeline import RunConfig, run_pipeline
-from ..report import labeled_run, recovery_line, summary_table
+from ..report import labeled_run, no_accuracy_line, recovery_line, summary_table
 
 
 def add_parser(subparsers) -> None:
@@ -34,8 +34,7 @@ def run(args: argparse.Namespace) -> int:
     report = run_pipeline(config)  # checks the config first, before any work
     print(summary_table(report))
     if not labeled_run(report):
-        print(f"no accuracy was measured (data.test is null): agreement and KL are with the original model on "
-              f"{report['evaluation']['images']} unlabelled images held apart from every other stage")
+        print(no_accuracy_line(report))
     if recovery_line(report):
         print(recovery_line(report))
     print(f"size reduction {100 * report['size_reduction']:.2f}% (real file); report: {config.out}/report.md")
