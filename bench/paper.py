@@ -107,7 +107,9 @@ def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     if args.report:
-        Path(args.output).write_text(render_results(json.loads(Path(args.report).read_text())))
+        speed = Path(args.report).with_name("speed.json")  # bench/speed.py's rows, when measured
+        Path(args.output).write_text(render_results(json.loads(Path(args.report).read_text()),
+                                                    json.loads(speed.read_text()) if speed.is_file() else None))
         return 0
     if args.prepare_data:
         prepare_data(Path(args.prepare_data))
@@ -478,11 +480,47 @@ REPRODUCE = [
 ]
 
 
-def render_results(rows: list[dict]) -> str:
-    """docs/RESULTS.md from ``paper.json`` rows: how it was scaled, the table, the targets, the speeds."""
+def render_results(rows: list[dict], speed: list[dict] | None = None) -> str:
+    """docs/RESULTS.md from ``paper.json`` rows (and bench/speed.py's, when given): how it was
+    scaled, the table, the targets, the speeds."""
     return "\n".join(["# Paper-scale results", "", *_provenance(rows), "", "## Rows", "", *_rows_table(rows), "",
-                       "## Targets", "", *_targets_table(rows), "", "## Retraining speed", "",
-                       *_speed_table(rows), "", *_observations(rows), "## Reproduce", "", *REPRODUCE, ""])
+                       "## Targets", "", *_targets_table(rows), *_speed_targets(speed), "", "## Retraining speed", "",
+                       *_speed_table(rows), "", *_speed_section(speed), *_observations(rows), "## Reproduce", "",
+                       *REPRODUCE, ""])
+
+
+def _speed_ratios(speed: list[dict]) -> dict:
+    """(model, plan) -> label-free (cached CutMix targets) over labelled images/s, from bench/speed.py."""
+    def mean(model, plan, kind):
+        values = [r["images_per_second"] for r in speed if (r["model"], r["plan"], r["kind"]) == (model, plan, kind)]
+        return statistics.fmean(values) if values else None
+
+    ratios = {}
+    for model, plan in dict.fromkeys((r["model"], r["plan"]) for r in speed):
+        free, labeled = mean(model, plan, "labelfree_cached"), mean(model, plan, "labeled")
+        if free and labeled:
+            ratios[model, plan] = free / labeled
+    return ratios
+
+
+def _speed_targets(speed: list[dict] | None) -> list[str]:
+    return [f"| {model} | the same, with cached CutMix targets ({plan} plan, bench/speed.py) | {ratio:.2f}x | "
+            f"{_met(ratio >= 0.9)} |" for (model, plan), ratio in _speed_ratios(speed or []).items()]
+
+
+def _speed_section(speed: list[dict] | None) -> list[str]:
+    if not speed:
+        return []
+    from speed import render  # bench/speed.py, next to this file
+
+    r = speed[0]
+    return ["The rows above ran the teacher on every CutMix-ed batch. With `cutmix_targets=\"cached\"` a "
+            "mixed image is matched to the area-weighted mixture of the teacher's cached outputs on its two "
+            "source images, so no teacher pass runs while training. bench/speed.py measures every way on "
+            f"these networks, plans and inputs ({r['images']:,} images, {r['epochs']} epoch, batch 64, seeded "
+            f"random weights: throughput does not depend on their values; {r['machine']}, torch {r['torch']}, "
+            f"{r['date']}); images/s of training, and wall seconds of the whole call (label-free includes one "
+            "teacher pass over every image for the cached outputs):", "", render(speed).rstrip(), ""]
 
 
 def _provenance(rows: list[dict]) -> list[str]:
