@@ -490,21 +490,19 @@ def render_results(rows: list[dict], speed: list[dict] | None = None) -> str:
 
 
 def _speed_ratios(speed: list[dict]) -> dict:
-    """(model, plan) -> label-free (cached CutMix targets) over labelled images/s, from bench/speed.py."""
-    def mean(model, plan, kind):
-        values = [r["images_per_second"] for r in speed if (r["model"], r["plan"], r["kind"]) == (model, plan, kind)]
-        return statistics.fmean(values) if values else None
+    """(model, plan) -> label-free (default settings) over labelled images/s, from bench/speed.py."""
+    from speed import _means  # bench/speed.py, next to this file
 
     ratios = {}
     for model, plan in dict.fromkeys((r["model"], r["plan"]) for r in speed):
-        free, labeled = mean(model, plan, "labelfree_cached"), mean(model, plan, "labeled")
-        if free and labeled:
-            ratios[model, plan] = free / labeled
+        mean = _means(speed, model, plan, "images_per_second")
+        if mean.get("labelfree") and mean.get("labeled"):
+            ratios[model, plan] = mean["labelfree"] / mean["labeled"]
     return ratios
 
 
 def _speed_targets(speed: list[dict] | None) -> list[str]:
-    return [f"| {model} | the same, with cached CutMix targets ({plan} plan, bench/speed.py) | {ratio:.2f}x | "
+    return [f"| {model} | the same, with today's defaults (CutMix off; {plan} plan, bench/speed.py) | {ratio:.2f}x | "
             f"{_met(ratio >= 0.9)} |" for (model, plan), ratio in _speed_ratios(speed or []).items()]
 
 
@@ -514,13 +512,13 @@ def _speed_section(speed: list[dict] | None) -> list[str]:
     from speed import render  # bench/speed.py, next to this file
 
     r = speed[0]
-    return ["The rows above ran the teacher on every CutMix-ed batch. With `cutmix_targets=\"cached\"` a "
-            "mixed image is matched to the area-weighted mixture of the teacher's cached outputs on its two "
-            "source images, so no teacher pass runs while training. bench/speed.py measures every way on "
-            f"these networks, plans and inputs ({r['images']:,} images, {r['epochs']} epoch, batch 64, seeded "
-            f"random weights: throughput does not depend on their values; {r['machine']}, torch {r['torch']}, "
-            f"{r['date']}); images/s of training, and wall seconds of the whole call (label-free includes one "
-            "teacher pass over every image for the cached outputs):", "", render(speed).rstrip(), ""]
+    return ["The rows above were retrained with CutMix on half the batches, the teacher running on every "
+            "mixed batch; CutMix is now off by default (measured in docs/DEMO.md). bench/speed.py measures "
+            "both on these networks, plans and inputs "
+            f"({r['images']:,} images, {r['epochs']} epoch, batch 64, seeded random weights: throughput does not "
+            f"depend on their values; {r['machine']}, torch {r['torch']}, {r['date']}); images/s of training, "
+            "and wall seconds of the whole call (label-free includes one teacher pass over every image, for "
+            "its outputs):", "", render(speed).rstrip(), ""]
 
 
 def _provenance(rows: list[dict]) -> list[str]:

@@ -162,7 +162,7 @@ def test_every_retrain_config_field_is_a_flag_of_retrain():
     add_retrain_args(parser)
     assert retrain_config(parser.parse_args([])) == RetrainConfig()
     changed = {"epochs": 3, "lr": 0.01, "weight_decay": 0.1, "batch_size": 7, "loss": "mse", "temperature": 2.0,
-               "bn": "update", "balance": False, "cutmix": 0.25, "cutmix_targets": "cached", "holdout": 0.2, "min_holdout": 50, "tune_centroids": True,
+               "bn": "update", "balance": False, "cutmix": 0.25, "holdout": 0.2, "min_holdout": 50, "tune_centroids": True,
                "centroid_lr": 0.001, "refine_steps": 5, "features": 0.5, "seed": 3, "amp": False,
                "channels_last": False}
     assert set(changed) == {f.name for f in dataclasses.fields(RetrainConfig)}

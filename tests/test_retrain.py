@@ -7,7 +7,6 @@ import dataclasses
 
 import pytest
 import torch
-import torch.nn.functional as F
 
 import labelless
 from labelless import LabellessError
@@ -199,53 +198,6 @@ def test_feature_matching_keeps_frozen_tensors_and_brings_layer_outputs_closer(s
     assert all(torch.equal(before[k][0], after[k][0]) and torch.equal(before[k][1], after[k][1]) for k in before)
     assert result.best_epoch > 0 and layer_error(result.model) < start
     assert not teacher._forward_hooks and not any(m._forward_hooks for m in result.model.modules())  # taps removed
-
-
-@pytest.mark.parametrize("loss", ["kl", "mse"])
-def test_cached_cutmix_targets_are_the_two_images_outputs_mixed_by_area(loss):
-    from labelless.objectives import _mixed_logits
-
-    config = RetrainConfig(loss=loss, temperature=3.0)
-    kept, pasted = torch.randn(5, 10), torch.randn(5, 10)
-
-    def soft(logits):  # what the loss compares: the distribution at the temperature (or the logits)
-        return logits if loss == "mse" else F.softmax(logits / config.temperature, 1)
-
-    for fraction, expected in [(0.0, soft(kept)), (1.0, soft(pasted)),
-                               (0.25, 0.75 * soft(kept) + 0.25 * soft(pasted))]:
-        assert torch.allclose(soft(_mixed_logits(kept, pasted, fraction, config)), expected, atol=1e-6)
-
-
-class CountingTeacher(torch.nn.Module):
-    """Wraps a teacher and counts the images it is run on."""
-
-    def __init__(self, model):
-        super().__init__()
-        self.model, self.images = model, 0
-
-    def forward(self, x):
-        self.images += len(x)
-        return self.model(x)
-
-
-def test_cached_cutmix_targets_never_run_the_teacher_while_training(student, teacher, unlabeled):
-    before = _snapshot(student)
-    seen = {}
-    for targets in ("teacher", "cached"):
-        counting = CountingTeacher(copy.deepcopy(teacher))
-        config = dataclasses.replace(FAST, cutmix=1.0, cutmix_targets=targets, epochs=3)
-        result = retrain(copy.deepcopy(student), counting, NoLabels(unlabeled), PRE, config=config)
-        seen[targets] = counting.images
-        after = _snapshot(result.model)
-        assert all(torch.equal(before[k][0], after[k][0]) and torch.equal(before[k][1], after[k][1]) for k in before)
-        assert result.history[-1]["loss"] < result.history[0]["loss"]
-    assert seen["cached"] == len(unlabeled)  # one pass over the images, for the cached outputs
-    assert seen["teacher"] > seen["cached"] + len(unlabeled)  # and then again on every mixed batch
-
-
-def test_an_unknown_cutmix_target_is_refused_by_name():
-    with pytest.raises(LabellessError, match="cutmix_targets"):
-        RetrainConfig(cutmix_targets="student")
 
 
 def test_negative_feature_weight_is_rejected():

@@ -16,7 +16,6 @@ An objective is bound to one run (:meth:`Objective.begin`) and released at its e
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -33,16 +32,7 @@ from .selection import Evidence
 if TYPE_CHECKING:  # pragma: no cover
     from .retrain import RetrainConfig, _Trainer
 
-__all__ = ["Objective", "Distillation", "CrossEntropy", "Mix"]
-
-
-@dataclass(frozen=True)
-class Mix:
-    """How a CutMix-ed batch was made: image ``i`` holds a box of image ``source[i]`` covering
-    ``pasted`` of its area."""
-
-    source: torch.Tensor
-    pasted: float
+__all__ = ["Objective", "Distillation", "CrossEntropy"]
 
 
 class Objective:
@@ -73,7 +63,7 @@ class Objective:
         return 0.0
 
     def loss(self, trainer: _Trainer, output: torch.Tensor, x: torch.Tensor, batch_idx: torch.Tensor,
-             labels: torch.Tensor | None, mix: Mix | None) -> torch.Tensor:
+             labels: torch.Tensor | None, mixed: bool) -> torch.Tensor:
         raise NotImplementedError
 
     def score(self, output: torch.Tensor, reference: torch.Tensor) -> dict[str, float]:
@@ -123,21 +113,13 @@ class Distillation(Objective):
     def mixes(self, config: RetrainConfig) -> float:
         return config.cutmix
 
-    def loss(self, trainer, output, x, batch_idx, labels, mix):
-        loss = _distillation_loss(output, self._target(trainer, x, batch_idx, mix), trainer.config)
+    def loss(self, trainer, output, x, batch_idx, labels, mixed):
+        fresh = mixed or self.taps is not None  # the teacher runs on this very batch
+        target = self._logits(trainer, x) if fresh else self.targets[batch_idx].to(trainer.device)
+        loss = _distillation_loss(output, target, trainer.config)
         if self.taps is not None:
             loss = loss + trainer.config.features * feature_loss(self.taps[0].outputs, self.taps[1].outputs)
         return loss
-
-    def _target(self, trainer: _Trainer, x: torch.Tensor, batch_idx: torch.Tensor, mix: Mix | None) -> torch.Tensor:
-        """The teacher's logits on this batch: run afresh when the batch is CutMix-ed (unless
-        ``cutmix_targets="cached"``) or when its features are matched, else the cached ones."""
-        if self.taps is not None or (mix is not None and trainer.config.cutmix_targets == "teacher"):
-            return self._logits(trainer, x)
-        cached = self.targets[batch_idx]
-        if mix is not None:
-            cached = _mixed_logits(cached, cached[mix.source], mix.pasted, trainer.config)
-        return cached.to(trainer.device)
 
     def score(self, output, reference):
         return {"agreement": agreement(output, reference), "kl": kl_divergence(reference, output)}
@@ -175,7 +157,7 @@ class CrossEntropy(Objective):
     def reference(self, trainer: _Trainer, indices: torch.Tensor) -> torch.Tensor:
         return trainer.source.labels_at(indices)
 
-    def loss(self, trainer, output, x, batch_idx, labels, mix):
+    def loss(self, trainer, output, x, batch_idx, labels, mixed):
         return F.cross_entropy(output, labels.to(trainer.device))
 
     def score(self, output, reference):
@@ -199,17 +181,6 @@ def _balance_weights(logits: torch.Tensor) -> torch.Tensor:
     predicted = logits.argmax(1)
     counts = torch.bincount(predicted, minlength=logits.shape[1]).float()
     return 1.0 / counts[predicted]
-
-
-def _mixed_logits(kept: torch.Tensor, pasted: torch.Tensor, fraction: float, config: RetrainConfig) -> torch.Tensor:
-    """Logits standing for the teacher's outputs on a CutMix-ed image, from its outputs on the two
-    images: the softened distributions mixed by area (``kl``), or the logits themselves (``mse``).
-    Scaled by the temperature so that :func:`_distillation_loss` softens them back to that mixture."""
-    if config.loss == "mse":
-        return torch.lerp(kept, pasted, fraction)
-    t = config.temperature
-    mixture = torch.lerp(F.softmax(kept / t, 1), F.softmax(pasted / t, 1), fraction)
-    return mixture.clamp_min(torch.finfo(mixture.dtype).tiny).log() * t
 
 
 def _distillation_loss(student: torch.Tensor, teacher: torch.Tensor, config: RetrainConfig) -> torch.Tensor:
