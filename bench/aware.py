@@ -8,8 +8,11 @@ would make it (importance-weighted k-means, then compensation):
 * ``drop_before``: agreement drop on the sweep's unlabelled images (what the plain search sees);
 * ``drop_after``: the same after a short label-free retraining on images held apart from the
   sweep's (what the retraining-aware search sees: ``search: {after_retraining: n}``);
+* ``balanced_*`` / ``kl_*``: the same two moments in class-balanced agreement drop and in KL;
 * ``test_before`` / ``test_after``: accuracy on the test set as quantized, and after the run's
   full label-free retraining (what a user ships).
+
+The report adds the Spearman rank correlation of each label-free measure with the test drop.
 
 Every finished plan is written to the JSON at once; a rerun skips it. ``--report`` renders the
 markdown tables (picks per budget, and every plan) and the scatter of label-free drop against
@@ -27,7 +30,6 @@ import dataclasses
 import datetime
 import json
 import logging
-import platform
 import sys
 import time
 from pathlib import Path
@@ -139,7 +141,7 @@ def measure(run: Path, out: Path, n: int, span: tuple[float, float], test_limit:
 
 def _measure_plan(s: Setup, rung, evaluate, test) -> dict:
     start = time.perf_counter()
-    _, drop_before, _ = evaluate(rung.choice)
+    _, drop_before, before = evaluate(rung.choice)
     config, data = s.config, s.config.data
     model = labelless.quantize(s.teacher, rung.plan(), importance=s.importance)
     if config.quantize.compensate:
@@ -152,7 +154,10 @@ def _measure_plan(s: Setup, rung, evaluate, test) -> dict:
                              s.preprocess, config=config.retrain)
     path = Path("/tmp") / f"aware-{s.spec.name}.lless"
     size = labelless.save(full.model, path)["total_bytes"]
-    return {"bytes": size, "drop_before": drop_before, "drop_after": 100.0 - s.reference.agreement_of(short.model),
+    after = s.reference.figures_of(short.model)
+    return {"bytes": size, "drop_before": drop_before, "drop_after": 100.0 - after["agreement"],
+            "balanced_before": 100.0 - before["balanced"], "balanced_after": 100.0 - after["balanced"],
+            "kl_before": before["kl"], "kl_after": after["kl"],
             "test_before": _accuracy(model, test, s.preprocess), "test_after": _accuracy(full.model, test, s.preprocess),
             "seconds": round(time.perf_counter() - start, 1)}
 
@@ -163,9 +168,9 @@ def _accuracy(model, test, preprocess) -> float:
 
 
 def _machine() -> str:
-    import os
+    from machine import describe  # bench/machine.py
 
-    return f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}"
+    return f"{describe()}, torch {torch.__version__}"
 
 
 # -- report --------------------------------------------------------------------------------
@@ -190,7 +195,44 @@ def render(rows: list[dict], plot: str | None = None) -> str:
               "|---:|---:|---:|---:|---:|---:|"]
     lines += [f"| {r['bytes']:,} | {100 * (1 - r['bytes'] / r['fp32_bytes']):.2f}% | {r['drop_before']:.2f} | "
               f"{r['drop_after']:.2f} | {r['test_before']:.2f} | {r['test_after']:.2f} |" for r in rows]
-    return "\n".join(lines)
+    return "\n".join(lines + ["", *_rank_table(rows)])
+
+
+MEASURES = {"drop": "top-1 agreement drop", "balanced": "class-balanced agreement drop", "kl": "KL"}
+
+
+def _rank_table(rows: list[dict]) -> list[str]:
+    """Spearman rank correlation of each label-free measure with the test drop, over the plans
+    that have it (rows measured before the balanced and KL figures lack them)."""
+    lines = ["| label-free measure | Spearman with the test drop, as quantized | after retraining | plans |",
+             "|---|---:|---:|---:|"]
+    teacher, body = rows[0]["teacher_accuracy"], []
+    for key, name in MEASURES.items():
+        have = [r for r in rows if f"{key}_before" in r]
+        if len(have) < 3:
+            continue
+        cells = [_spearman([r[f"{key}_{when}"] for r in have], [teacher - r[f"test_{when}"] for r in have])
+                 for when in ("before", "after")]
+        body.append(f"| {name} | {cells[0]:.2f} | {cells[1]:.2f} | {len(have)} |")
+    return lines + body if body else []
+
+
+def _spearman(x: list[float], y: list[float]) -> float:
+    import numpy as np
+
+    def ranks(values):
+        order = np.argsort(values, kind="stable")
+        out = np.empty(len(values))
+        out[order] = np.arange(len(values))
+        for v in set(values):  # ties share their mean rank
+            same = np.asarray(values) == v
+            out[same] = out[same].mean()
+        return out
+
+    rx, ry = ranks(x), ranks(y)
+    if rx.std() == 0 or ry.std() == 0:
+        return float("nan")  # a constant column ranks nothing
+    return float(np.corrcoef(rx, ry)[0, 1])
 
 
 def _smallest(rows: list[dict], field: str, budget: float) -> dict | None:

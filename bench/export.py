@@ -95,9 +95,9 @@ def time_graph(path: Path, spec: labelless.ModelSpec, args, row: dict, kind: str
 
 
 def machine() -> dict:
-    cpu = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
-                if line.startswith("model name")), platform.processor())
-    return {"cpu": cpu, "cores": os.cpu_count(), "date": datetime.date.today().isoformat(),
+    from machine import cpu_name  # bench/machine.py
+
+    return {"cpu": cpu_name(), "cores": os.cpu_count(), "date": datetime.date.today().isoformat(),
             "python": platform.python_version(), "torch": torch.__version__, "onnx": onnx.__version__,
             "onnxruntime": ort.__version__, "labelless": labelless.__version__}
 

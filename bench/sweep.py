@@ -14,7 +14,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import sys
 import tempfile
 import time
@@ -23,6 +22,8 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
+
+from machine import describe  # noqa: E402  (bench/machine.py)
 
 import labelless  # noqa: E402
 from labelless.data import Preprocess, open_images  # noqa: E402
@@ -59,7 +60,7 @@ def main() -> int:
     record = {
         "model": args.model, "image_size": spec.image_size, "images": len(data), "clusters": list(clusters),
         "layers": len({r.layer for r in result.rows}), "rows": len(result.rows), "seconds": round(seconds, 2),
-        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else _cpu(),
+        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else describe(),
         "torch": torch.__version__, "load_average": os.getloadavg()[0],
     }
     print(json.dumps(record))
@@ -68,10 +69,6 @@ def main() -> int:
     return 0
 
 
-def _cpu() -> str:
-    name = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
-                 if line.startswith("model name")), platform.processor())
-    return f"{name}, {os.cpu_count()} cores"
 
 
 if __name__ == "__main__":

@@ -265,7 +265,7 @@ def test_help_states_the_defaults_actually_used(capsys):
     with pytest.raises(SystemExit):
         main(["search", "--help"])
     text = " ".join(capsys.readouterr().out.split())
-    assert "--device DEVICE cpu, cuda" in text and "--metric {agreement,accuracy} agreement with" in text
+    assert "--device DEVICE cpu, cuda" in text and "--metric {agreement,balanced,accuracy} agreement with" in text
 
 
 def test_retrain_with_the_wrong_teacher_names_what_to_give_not_flags_it_lacks(tmp_path, checkpoint, plan_file, capsys):

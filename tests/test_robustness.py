@@ -575,7 +575,7 @@ RUN_CASES = {
     "bad value: quantize images 0": ("quantize: {images: 0}\n", ("run config.quantize: quantize.images must be a whole number >= 1",)),
     "bad value: zero epochs": ("retrain: {epochs: 0}\n", ("run config.retrain: epochs must be a whole number >= 1 (0 would train nothing)",)),
     "bad value: teacher epochs 0": ("teacher: {train: {epochs: 0}}\n", ("run config.teacher.train: train needs",)),
-    "bad value: metric": ("search: {metric: acuracy}\n", ("search.metric must be 'agreement'",)),
+    "bad value: metric": ("search: {metric: acuracy}\n", ("search.metric must be agreement or balanced",)),
     "bad value: max_drop": ("search: {max_drop: -1}\n", ("search.max_drop must be >= 0",)),
     "bad value: smaller_by": ("search: {smaller_by: 1.5}\n", ("smaller_by must be a fraction in [0, 1)",)),
     "another config version": ("version: 2\n", ("config version 2 is not one this labelless reads (1)",)),

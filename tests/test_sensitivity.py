@@ -10,7 +10,7 @@ import torch
 import labelless
 from labelless import sensitivity
 from labelless.data import Preprocess, open_images
-from labelless.evaluate import agreement, predict
+from labelless.evaluate import agreement, balanced_agreement, predict
 from labelless.search import make_evaluator, search
 from labelless.sensitivity import SweepConfig, SweepResult, prepare_reference, sweep
 
@@ -74,6 +74,42 @@ def test_sweep_measures_what_quantizing_that_layer_really_does(swept, tiny, digi
     teacher = predict(tiny, digits, preprocess).logits
     student = predict(labelless.quantize(tiny, [{"layers": "conv", "weights": 2}]), digits, preprocess).logits
     assert row.agreement == pytest.approx(agreement(student, teacher))
+    assert row.balanced == pytest.approx(balanced_agreement(student, teacher))
+
+
+def test_balanced_agreement_weighs_every_predicted_class_alike():
+    teacher = torch.zeros(100, 3)
+    teacher[:90, 0] = teacher[90:, 1] = 1.0  # the teacher calls 90% of the images class 0
+    student = teacher.clone()
+    student[90:] = torch.tensor([0.0, 0.0, 1.0])  # right on all of class 0, wrong on all of class 1
+    assert agreement(student, teacher) == pytest.approx(90.0)
+    assert balanced_agreement(student, teacher) == pytest.approx(50.0)  # class 2, never predicted, is left out
+
+
+@pytest.mark.parametrize("budget", [1.0, 10.0])
+def test_a_balanced_budget_holds_on_the_balanced_agreement_of_the_plan(swept, tiny, digits, preprocess, budget):
+    reference = prepare_reference(tiny, digits, preprocess, None, 64, torch.device("cpu"))
+    found = search(swept, make_evaluator(reference, "balanced"), max_drop=budget, metric="balanced")
+    q = labelless.quantize(tiny, found.best.plan())
+    drop = 100 - balanced_agreement(predict(q, digits, preprocess).logits, predict(tiny, digits, preprocess).logits)
+    assert drop == pytest.approx(found.best.measured_drop, abs=1e-6) and drop <= budget
+
+
+def test_an_older_sweep_without_balanced_figures_still_searches_by_agreement_only(tmp_path, swept, tiny, digits,
+                                                                                 preprocess):
+    from labelless import LabellessError
+    from labelless.runconfig import SearchSection
+
+    data = swept.to_dict()
+    for row in data["rows"]:
+        del row["balanced"]  # as a sweep.json written before the balanced figure
+    (tmp_path / "sweep.json").write_text(json.dumps(data))
+    old = SweepResult.from_dir(tmp_path)
+    reference = prepare_reference(tiny, digits, preprocess, None, 64, torch.device("cpu"))
+    assert search(old, make_evaluator(reference), max_drop=5.0).best.measured_drop <= 5.0
+    with pytest.raises(LabellessError, match="run the sweep again"):
+        search(old, make_evaluator(reference, "balanced"), max_drop=5.0, metric="balanced")
+    assert SearchSection(metric="balanced").metric == "balanced"  # labelless run takes it
 
 
 def test_sweep_writes_table_json_and_plots(swept, folder):

@@ -110,6 +110,18 @@ def agreement(student: torch.Tensor, teacher: torch.Tensor) -> float:
     return 100.0 * (student.argmax(1) == teacher.argmax(1)).float().mean().item()
 
 
+def balanced_agreement(student: torch.Tensor, teacher: torch.Tensor) -> float:
+    """Top-1 agreement averaged over the classes the teacher predicts, each class weighing the
+    same however many images the teacher puts in it: where the teacher calls most images one
+    class, plain agreement is mostly that class, this is not."""
+    predicted = teacher.argmax(1)
+    hits = (student.argmax(1) == predicted).float()
+    counts = torch.bincount(predicted, minlength=teacher.shape[1]).float()
+    per_class = torch.zeros_like(counts).index_add_(0, predicted, hits)
+    present = counts > 0
+    return 100.0 * (per_class[present] / counts[present]).mean().item()
+
+
 def kl_divergence(teacher: torch.Tensor, student: torch.Tensor, temperature: float = 1.0) -> float:
     """Mean KL(teacher || student) between softmax outputs."""
     return F.kl_div(
@@ -118,6 +130,13 @@ def kl_divergence(teacher: torch.Tensor, student: torch.Tensor, temperature: flo
         log_target=True,
         reduction="batchmean",
     ).item()
+
+
+def fidelity(student: torch.Tensor, teacher: torch.Tensor) -> dict[str, float]:
+    """How close ``student``'s logits are to ``teacher``'s, in the label-free measures a sweep
+    records and a search can budget: agreement, class-balanced agreement (percent), mean KL."""
+    return {"agreement": agreement(student, teacher), "balanced": balanced_agreement(student, teacher),
+            "kl": kl_divergence(teacher, student)}
 
 
 def kl_per_image(teacher: torch.Tensor, student: torch.Tensor) -> torch.Tensor:
@@ -139,6 +158,7 @@ def warn_if_collapsed(logits: torch.Tensor, what: str = "the unlabelled images")
     share = counts.max().item() / logits.shape[0]
     if share > COLLAPSED_SHARE:
         log.warning("the original model calls %.0f%% of %s class %d (%d of %d classes used): top-1 agreement on "
-                    "them says little about accuracy; prefer images of the model's own domain, or KL",
+                    "them says little about accuracy; prefer images of the model's own domain, or a search "
+                    "by class-balanced agreement (search.metric: balanced, --metric balanced)",
                     100 * share, what, int(counts.argmax()), int((counts > 0).sum()), logits.shape[1])
     return share

@@ -303,7 +303,7 @@ def _search(run: _Run, result, unlabeled, preprocess, importance, identity: dict
 
 def _after_retraining(run: _Run, reference, preprocess, importance):
     """``drop(candidate)``: its plan quantized as the run quantizes, retrained briefly label-free on
-    images held apart from the sweep's, then its agreement drop on the sweep's images."""
+    images held apart from the sweep's, then its drop (in ``search.metric``) on the sweep's images."""
     section, data = run.config.search, run.config.data
     try:
         images = _open(data.unlabeled, "train", False, run.spec, section.retrain_images, run.config.seed,
@@ -317,7 +317,7 @@ def _after_retraining(run: _Run, reference, preprocess, importance):
     def drop(candidate) -> float:
         model = copy.deepcopy(_quantized(run, candidate.plan(), importance, preprocess))
         result = retrain(model, run.teacher, images, preprocess, config=config, device=run.device)
-        return 100.0 - reference.agreement_of(result.model)
+        return 100.0 - reference.figures_of(result.model)[section.metric]
 
     return drop
 

@@ -263,6 +263,15 @@ def install(module: nn.Module, name: str, centroids: torch.Tensor, indices: torc
     """Make ``module.<name>`` a quantized tensor with these centroids and indices.
 
     Passing the same ``centroids``/``indices`` objects to several modules keeps them shared.
+
+    Not ``torch.nn.utils.parametrize``, on purpose: when the tensor it replaces is a Parameter
+    it wraps every tensor its ``right_inverse`` returns in a Parameter, so the integer indices
+    would become a Parameter instead of a buffer (optimizers, parameter counts and DDP would
+    see them); it renames the tensors in memory to ``parametrizations.<name>.original0/1``,
+    which the writer's skip set, ``labelless.layers`` and retraining checkpoints (written
+    files) key on; and outside its ``cached()`` context it decodes on every access. The
+    pre-hook below decodes at a forward pass only when the centroids or indices changed
+    (their version counters, storage and device), and on every pass while the centroids train.
     """
     if name in module._parameters:
         del module._parameters[name]

@@ -22,7 +22,7 @@ from .layers import list_layers
 from .models import ModelSpec, build_model, check_input_size, weights_file
 from .plan import load_plan
 from .retrain import RetrainConfig
-from .search import size_budget
+from .search import LABEL_FREE_METRICS, size_budget
 from .sensitivity import SweepConfig
 from .train import TrainConfig
 
@@ -133,8 +133,11 @@ class QuantizeSection:
 
 @dataclass(frozen=True)
 class SearchSection:
-    max_drop: float | None = option(None, 'points of top-1 agreement the plan may cost (null: no such budget)')
-    metric: str = option("agreement", 'what the drop is measured in: agreement with the teacher (no label)')
+    max_drop: float | None = option(None, 'points of the metric below the plan may cost (null: no such budget)')
+    metric: str = option("agreement", 'what the drop is measured in, both label-free: top-1 agreement with the '
+                                      'teacher, or balanced: that agreement averaged over the classes the teacher '
+                                      'predicts (for images where it calls most of them one class)',
+                         LABEL_FREE_METRICS)
     plan: str | None = option(None, 'a fixed plan file instead of sweep + search')
     max_bytes: int | None = option(None, 'size budget of the file')
     smaller_by: float | None = option(0.95, 'size budget as the share of the fp32 size saved (0.95: 95% smaller; '
@@ -152,9 +155,9 @@ class SearchSection:
             raise LabellessError("search needs a budget: max_drop, max_bytes or smaller_by (or a fixed plan)")
         if self.smaller_by is not None:
             size_budget(1, self.smaller_by)  # one-line error when it is not a fraction in [0, 1)
-        if self.metric != "agreement":
-            raise LabellessError(f"search.metric must be 'agreement' (labelless run sweeps without labels), "
-                                 f"got {self.metric!r}")
+        if self.metric not in LABEL_FREE_METRICS:
+            raise LabellessError(f"search.metric must be {' or '.join(LABEL_FREE_METRICS)} (labelless run sweeps without "
+                                 f"labels), got {self.metric!r}")
         if self.max_bytes is not None:
             _at_least_one("search.max_bytes", self.max_bytes)
         if self.max_drop is not None and self.max_drop < 0:

@@ -7,7 +7,8 @@ plan does. The search
    independently takes the k minimising ``bytes + lam * KL`` (KL from its sweep row), which
    gives a ladder of plans from "everything at the smallest k" to "nothing quantized";
 2. walks that ladder by bisection, *measuring* each plan it visits on the sweep's images
-   (top-1 agreement with the original model, or accuracy when labels were given);
+   (top-1 agreement with the original model, that agreement averaged over the classes the
+   original predicts, or accuracy when labels were given: :data:`METRICS`);
 3. returns the smallest plan whose measured drop is within the budget, with every measured
    plan as a Pareto list of alternatives (size, predicted drop, measured drop);
 4. on request (:func:`rescore`), judges the few plans nearest the answer again by their drop
@@ -31,6 +32,11 @@ from .sensitivity import Reference, SweepResult, SweepRow, scores_of, variant
 __all__ = ["Candidate", "SearchResult", "search", "rescore", "ladder", "make_evaluator", "size_budget"]
 
 log = logging.getLogger(__name__)
+
+# what a drop is measured in: points of top-1 agreement with the original, of that agreement
+# averaged over the classes the original predicts (collapse-aware), or of labelled accuracy
+LABEL_FREE_METRICS = ("agreement", "balanced")
+METRICS = LABEL_FREE_METRICS + ("accuracy",)
 
 N_MULTIPLIERS = 400
 
@@ -237,16 +243,24 @@ def ladder(result: SweepResult, metric: str = "agreement") -> list[Candidate]:
 
 def _options(rows: list[SweepRow], metric: str, reference: dict) -> dict[str, list[tuple]]:
     """Per tensor: (choice, bytes saved, KL, drop) options, plus "not quantized"."""
-    if metric == "accuracy" and reference.get("accuracy") is None:
-        raise LabellessError("--metric accuracy needs a sweep run with --labeled data; use --metric agreement")
-    if metric not in ("agreement", "accuracy"):
-        raise LabellessError(f"unknown metric {metric!r}: use agreement or accuracy")
+    check_metric(rows, metric, reference)
     base = reference.get("unquantized_bytes", reference["fp32_bytes"])
     options: dict[str, list[tuple]] = {}
     for row in rows:
-        drop = 100.0 - row.agreement if metric == "agreement" else reference["accuracy"] - row.accuracy
+        drop = reference["accuracy"] - row.accuracy if metric == "accuracy" else 100.0 - getattr(row, metric)
         options.setdefault(row.key, [(None, 0, 0.0, 0.0)]).append((row.choice, base - row.bytes, row.kl, drop))
     return options
+
+
+def check_metric(rows: list[SweepRow], metric: str, reference: dict) -> None:
+    """One clear line when the sweep's rows cannot be searched in ``metric``."""
+    if metric not in METRICS:
+        raise LabellessError(f"unknown metric {metric!r}: use {', '.join(METRICS)}")
+    if metric == "accuracy" and reference.get("accuracy") is None:
+        raise LabellessError("--metric accuracy needs a sweep run with --eval data; use --metric agreement")
+    if metric == "balanced" and any(row.balanced is None for row in rows):
+        raise LabellessError("--metric balanced needs a sweep that measured it (this sweep predates the "
+                             "balanced figure): run the sweep again, or use --metric agreement")
 
 
 def _pick(options: list[tuple], lam: float) -> TensorChoice | None:
@@ -271,7 +285,7 @@ def make_evaluator(reference: Reference, metric: str = "agreement") -> Callable[
     under the reference's importance when it has some.
     """
     cache: dict[tuple[str, TensorChoice], tuple] = {}
-    baseline = 100.0 if metric == "agreement" else reference.measure()["accuracy"] if reference.labeled else None
+    baseline = 100.0 if metric != "accuracy" else reference.measure()["accuracy"] if reference.labeled else None
 
     def evaluate(choice: dict[str, TensorChoice | int]) -> tuple[int, float, dict[str, float]]:
         choice = {key: TensorChoice.of(k) for key, k in choice.items()}

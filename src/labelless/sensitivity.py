@@ -2,7 +2,7 @@
 
 For every quantizable layer's weights, and for its bias as a row of its own, at each k:
 quantize that tensor alone and measure how far the outputs move from the original model's
-on unlabelled images (top-1 agreement, mean KL divergence), the accuracy on a labelled set
+on unlabelled images (top-1 agreement, class-balanced agreement, mean KL divergence), the accuracy on a labelled set
 when one is given, and the exact size of the ``.lless`` file that plan would give.
 
 The original model runs once; for each layer only what depends on it is recomputed
@@ -32,7 +32,7 @@ from torch import nn
 
 from . import distributed
 from .errors import LabellessError
-from .evaluate import accuracy, agreement, autocast, kl_divergence, warn_if_collapsed
+from .evaluate import accuracy, autocast, fidelity, warn_if_collapsed
 from .incremental import Splitter
 from .io import atomic_write_json, atomic_write_text
 from .layers import LayerInfo, list_layers
@@ -104,6 +104,7 @@ class SweepRow:
     accuracy: float | None = None  # percent, on the labelled set when one is given
     granularity: str = "per_tensor"  # one codebook, or one per group_size output channels
     group_size: int = 1
+    balanced: float | None = None  # agreement averaged over the original's predicted classes (None: older sweep)
 
     @property
     def key(self) -> str:
@@ -161,14 +162,15 @@ class Reference:
         with torch.no_grad():
             return torch.cat([_run(model or self.model, x, self.device) for x in batches])
 
-    def agreement_of(self, model: nn.Module) -> float:
-        """Top-1 agreement of another model (a retrained student) with the original on these images."""
-        return agreement(self.run(self.inputs, model.to(self.device).eval()), self.teacher)
+    def figures_of(self, model: nn.Module) -> dict[str, float]:
+        """Agreement, class-balanced agreement and KL of another model (a retrained student) with
+        the original on these images."""
+        return fidelity(self.run(self.inputs, model.to(self.device).eval()), self.teacher)
 
     def measure(self) -> dict[str, float]:
-        """Agreement and KL with the original on the unlabelled images; accuracy if labelled."""
-        student = self.run(self.inputs)
-        figures = {"agreement": agreement(student, self.teacher), "kl": kl_divergence(self.teacher, student)}
+        """Agreement, class-balanced agreement and KL with the original on the unlabelled images;
+        accuracy if labelled."""
+        figures = fidelity(self.run(self.inputs), self.teacher)
         if self.labeled:
             figures["accuracy"] = accuracy(self.run(self.labeled[0]), self.labeled[1])
         return figures
@@ -335,8 +337,7 @@ def _row(ctx: Reference, layer: LayerInfo, variant, outputs: list[torch.Tensor])
         n_values=layer.n_weights if tensor == "weight" else layer.n_bias,
         k=choice.k,
         n_clusters=n_clusters,
-        agreement=agreement(outputs[0], ctx.teacher),
-        kl=kl_divergence(ctx.teacher, outputs[0]),
+        **fidelity(outputs[0], ctx.teacher),
         bytes=ctx.sizer.size({key: obtained}, Plan.from_choice({key: choice}).to_data()),
         accuracy=accuracy(outputs[1], ctx.labeled[1]) if ctx.labeled else None,
         granularity=choice.granularity,
@@ -396,7 +397,11 @@ class _Journal:
             log.warning("%s holds a sweep with other settings: starting again", self.path.parent)
             return self._start()
         rows = [row for row in (_parse(line) for line in lines[1:]) if isinstance(row, dict)]
-        kept = [SweepRow(**row) for row in rows if set(row) == {f.name for f in dataclasses.fields(SweepRow)}]
+        fields = {f.name for f in dataclasses.fields(SweepRow)}
+        kept = [SweepRow(**row) for row in rows if set(row) == fields]
+        if len(kept) < len(rows):
+            log.warning("%d rows in %s were written by another version of labelless (other figures): measuring "
+                        "them again", len(rows) - len(kept), self.path)
         if kept:
             log.info("resuming the sweep in %s: %d rows already done", self.path.parent, len(kept))
         atomic_write_text(self.path, "".join(line + "\n" for line in [lines[0]] + [json.dumps(dataclasses.asdict(r)) for r in kept]))

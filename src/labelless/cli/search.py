@@ -14,7 +14,7 @@ from ..importance import load_importance
 from ..io import atomic_write_json, check_output_dir
 from ..models import is_weights_name
 from ..report import format_table, plot_search
-from ..search import make_evaluator, search
+from ..search import METRICS, check_metric, make_evaluator, search
 from ..sensitivity import SweepResult, prepare_reference
 from ..zoo import model_source
 from .common import add_custom_arg, add_device_arg, fraction, model_from_args
@@ -24,14 +24,15 @@ from .sweep import IMPORTANCE_FILE, open_data
 def add_parser(subparsers) -> None:
     parser = subparsers.add_parser("search", help="find the smallest plan within an accuracy budget")
     parser.add_argument("sweep_dir", help="the folder a `labelless sweep` wrote")
-    parser.add_argument("--max-drop", type=float, default=None, help="budget in points of agreement (or accuracy)")
+    parser.add_argument("--max-drop", type=float, default=None, help="budget in points of --metric (agreement by default)")
     parser.add_argument("--max-bytes", type=int, default=None,
                         help="size budget in bytes; alone, the search returns the most faithful plan that fits")
     parser.add_argument("--smaller-by", default=None, metavar="FRACTION",
                         help="size budget as the share of the fp32 size to save: 0.93 or 93%% (at most 7%% of it)")
-    parser.add_argument("--metric", choices=["agreement", "accuracy"], default="agreement",
-                        help="agreement with the original on the sweep's unlabelled images (default), or accuracy "
-                             "on its --eval test set")
+    parser.add_argument("--metric", choices=METRICS, default="agreement",
+                        help="agreement with the original on the sweep's unlabelled images (default); balanced: "
+                             "that agreement averaged over the classes the original predicts there (when it calls "
+                             "most of them one class); or accuracy on its --eval test set")
     add_device_arg(parser)
     add_custom_arg(parser)
     parser.add_argument("-o", "--output", required=True, help="the plan file to write (.yaml or .json)")
@@ -48,6 +49,7 @@ def run(args: argparse.Namespace) -> int:
     sweep_args = _sweep_args(folder, args.custom)
     _read_json(folder / "sweep.json", "no finished sweep")  # a clear error for a cut or edited file
     result = SweepResult.from_dir(folder)
+    check_metric(result.rows, args.metric, result.reference)
     model = model_from_args(sweep_args)
     spec = model.labelless_spec
     unlabeled, labeled = open_data(sweep_args, spec)
