@@ -66,8 +66,8 @@ class ModelSection:
 @dataclass(frozen=True)
 class TeacherSection:
     data: str = option("fashion-mnist", 'labelled training data, train split')
-    limit: int | None = option(24000, 'the demo trains on part of it to stay within minutes on a CPU')
-    train: TrainConfig = option(TrainConfig(epochs=1), 'how the teacher is trained (when model.weights is null)')
+    limit: int | None = option(None, 'training images used (null: all)')
+    train: TrainConfig = option(TrainConfig(epochs=4), 'how the teacher is trained (when model.weights is null)')
 
     def __post_init__(self) -> None:
         _limit("teacher.limit", self.limit)
