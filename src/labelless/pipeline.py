@@ -33,6 +33,7 @@ from .io import atomic_write_json, atomic_write_text
 from .models import ModelSpec, build_model, load_weights, save_checkpoint, state_digest
 from .plan import load_plan
 from .quantize import quantize
+from .refine import refine_images
 from .report import plot_search
 from .retrain import CrossEntropy, retrain
 from .runconfig import ModelSection, RunConfig
@@ -312,7 +313,9 @@ def _after_retraining(run: _Run, reference, preprocess, importance):
         log.warning("the search judges plans as quantized: no unlabelled image is left apart from the sweep's (%s)",
                     exc)
         return None
-    config = dataclasses.replace(run.config.retrain, epochs=section.retrain_epochs)
+    config = dataclasses.replace(run.config.retrain, epochs=section.retrain_epochs, refine_steps=0)
+    if run.config.retrain.refine_steps:  # the images are refined toward the teacher once, for every candidate
+        images = refine_images(run.teacher, images, preprocess, run.config.retrain.refine_steps, device=run.device)
 
     def drop(candidate) -> float:
         model = copy.deepcopy(_quantized(run, candidate.plan(), importance, preprocess))

@@ -186,7 +186,8 @@ class RunConfig:
     sweep: SweepSection = option(SweepSection(), 'the per-layer sensitivity sweep')
     search: SearchSection = option(SearchSection(), 'the plan search and its budget')
     quantize: QuantizeSection = option(QuantizeSection(), 'how the plan is applied')
-    retrain: RetrainConfig = option(RetrainConfig(epochs=2), "label-free retraining (the same fields as labelless retrain's flags)")
+    retrain: RetrainConfig = option(RetrainConfig(epochs=5, refine_steps=20),
+                                    "label-free retraining (the same fields as labelless retrain's flags)")
     baseline: bool = option(True, 'also run conventional labelled retraining, for comparison (only with '
                                   'data.test and data.baseline set)')
     storage: StorageSection = option(StorageSection(), 'how the .lless file is stored')
