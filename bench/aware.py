@@ -44,6 +44,8 @@ from labelless.data import Preprocess, open_images
 from labelless.evaluate import accuracy, predict
 from labelless.importance import fisher_importance
 from labelless.io import atomic_write_json
+from labelless.refine import refine_images
+from labelless.retrain import RetrainConfig
 from labelless.runconfig import RunConfig
 from labelless.search import ladder, make_evaluator
 from labelless.sensitivity import SweepResult, prepare_reference
@@ -87,9 +89,23 @@ class Setup:
     reference: object
     sweep: SweepResult
 
+    refined: dict = dataclasses.field(default_factory=dict)
+
     def images(self, spec: str, limit: int | None, after: int = 0, labeled: bool = False, split: str = "train"):
         return open_images(spec, split=split, labeled=labeled, size=self.spec.image_size, channels=self.spec.in_channels,
                            limit=limit, seed=self.config.seed, after=after)
+
+    def retraining_images(self, limit: int | None, after: int = 0):
+        """The unlabelled retraining images, refined toward the teacher once (as the run does)
+        when its retraining refines them; retrain them with :meth:`retrain_config`."""
+        if (limit, after) not in self.refined:
+            images = self.images(self.config.data.unlabeled, limit, after=after).unlabeled()
+            steps = self.config.retrain.refine_steps
+            self.refined[limit, after] = refine_images(self.teacher, images, self.preprocess, steps) if steps else images
+        return self.refined[limit, after]
+
+    def retrain_config(self, **changes) -> RetrainConfig:
+        return dataclasses.replace(self.config.retrain, refine_steps=0, **changes)
 
 
 def setup(run: Path) -> Setup:
@@ -147,11 +163,11 @@ def _measure_plan(s: Setup, rung, evaluate, test) -> dict:
     if config.quantize.compensate:
         compensate(model, s.teacher, s.images(data.unlabeled, config.quantize.images).unlabeled(), s.preprocess,
                    n_images=config.quantize.images, seed=config.seed)
-    short_images = s.images(data.unlabeled, config.search.retrain_images, after=config.sweep.limit).unlabeled()
-    short = labelless.retrain(copy.deepcopy(model), s.teacher, short_images, s.preprocess,
-                              config=dataclasses.replace(config.retrain, epochs=config.search.retrain_epochs))
-    full = labelless.retrain(copy.deepcopy(model), s.teacher, s.images(data.unlabeled, data.unlabeled_limit).unlabeled(),
-                             s.preprocess, config=config.retrain)
+    short = labelless.retrain(copy.deepcopy(model), s.teacher,
+                              s.retraining_images(config.search.retrain_images, after=config.sweep.limit), s.preprocess,
+                              config=s.retrain_config(epochs=config.search.retrain_epochs))
+    full = labelless.retrain(copy.deepcopy(model), s.teacher, s.retraining_images(data.unlabeled_limit), s.preprocess,
+                             config=s.retrain_config())
     path = Path("/tmp") / f"aware-{s.spec.name}.lless"
     size = labelless.save(full.model, path)["total_bytes"]
     after = s.reference.figures_of(short.model)
