@@ -494,11 +494,11 @@ def render_results(rows: list[dict], speed: list[dict] | None = None) -> str:
 
 def _speed_ratios(speed: list[dict]) -> dict:
     """(model, plan) -> label-free (default settings) over labelled images/s, from bench/speed.py."""
-    from speed import _means  # bench/speed.py, next to this file
+    from speed import means  # bench/speed.py, next to this file
 
     ratios = {}
     for model, plan in dict.fromkeys((r["model"], r["plan"]) for r in speed):
-        mean = _means(speed, model, plan, "images_per_second")
+        mean = means(speed, model, plan, "images_per_second")
         if mean.get("labelfree") and mean.get("labeled"):
             ratios[model, plan] = mean["labelfree"] / mean["labeled"]
     return ratios

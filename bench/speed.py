@@ -35,16 +35,15 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
 from machine import describe  # noqa: E402  (bench/machine.py)
+from paper import CPU, FASHION_MEAN, FASHION_STD, PAPER_PLANS  # noqa: E402  (bench/paper.py)
 
 import labelless  # noqa: E402
 from labelless.data import Preprocess, open_images  # noqa: E402
+from labelless.io import atomic_write_json  # noqa: E402
 from labelless.retrain import CrossEntropy, RetrainConfig, retrain  # noqa: E402
 
 log = logging.getLogger("speed")
 
-SMALL_INPUT = {"vgg16_bn": True, "resnet50": False}  # as bench/paper.py's CPU scale
-PAPER_PLANS = {"vgg16_bn": [{"layers": "*", "bias": 1}, {"layers": "14-15", "weights": 32}],
-               "resnet50": [{"layers": "*", "bias": 1}, {"layers": "13-49", "weights": 256}]}
 KINDS = {  # what each measurement runs: (label-free?, RetrainConfig changes)
     "labelfree": (True, {"cutmix": 0.0}),  # the default
     "labelfree_cutmix": (True, {"cutmix": 0.5}),  # the teacher runs on every mixed batch
@@ -94,8 +93,8 @@ def _measure(path: Path, name: str, plan_name: str, rules: list, images, args) -
     todo = [(k, i) for i in range(args.repeats) for k in KINDS if (name, plan_name, k, i) not in done]
     if not todo:
         return
-    spec = labelless.ModelSpec(name, num_classes=10, in_channels=1, small_input=SMALL_INPUT[name], image_size=32,
-                               mean=(0.2860,), std=(0.3530,))
+    spec = labelless.ModelSpec(name, num_classes=10, in_channels=1, small_input=CPU.small_input[name],
+                               image_size=32, mean=FASHION_MEAN, std=FASHION_STD)
     torch.manual_seed(0)
     teacher = labelless.build_model(spec).eval()
     student = labelless.quantize(teacher, rules)
@@ -122,10 +121,7 @@ def _rows(path: Path) -> list[dict]:
 
 
 def _append(path: Path, row: dict) -> None:
-    rows = _rows(path) + [row]
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps(rows, indent=2))
-    os.replace(tmp, path)
+    atomic_write_json(path, _rows(path) + [row])
 
 
 def render(rows: list[dict]) -> str:
@@ -136,14 +132,14 @@ def render(rows: list[dict]) -> str:
              + " | ".join(f"{k} / labeled" for k in free) + " | wall s, labelfree | wall s, labeled |",
              "|---|---|" + "---:|" * (2 * len(KINDS) + 1)]
     for model, plan in dict.fromkeys((r["model"], r["plan"]) for r in rows):
-        speed, wall = (_means(rows, model, plan, field) for field in ("images_per_second", "wall_seconds"))
+        speed, wall = (means(rows, model, plan, field) for field in ("images_per_second", "wall_seconds"))
         ratios = [f"{speed[k] / speed['labeled']:.2f}x" if k in speed and "labeled" in speed else "-" for k in free]
         lines.append(f"| {model} | {plan} | " + " | ".join(_num(speed.get(k)) for k in KINDS) + " | "
                      + " | ".join(ratios) + f" | {_num(wall.get('labelfree'))} | {_num(wall.get('labeled'))} |")
     return "\n".join(lines) + "\n"
 
 
-def _means(rows: list[dict], model: str, plan: str, field: str) -> dict:
+def means(rows: list[dict], model: str, plan: str, field: str) -> dict:
     """kind -> the mean of ``field`` over the repeats of one network and plan."""
     values = {}
     for r in rows:

@@ -133,7 +133,7 @@ class QuantizeSection:
 
 @dataclass(frozen=True)
 class SearchSection:
-    max_drop: float | None = option(None, 'points of the metric below the plan may cost (null: no such budget)')
+    max_drop: float | None = option(None, 'points of search.metric the plan may cost (null: no such budget)')
     metric: str = option("agreement", 'what the drop is measured in, both label-free: top-1 agreement with the '
                                       'teacher, or balanced: that agreement averaged over the classes the teacher '
                                       'predicts (for images where it calls most of them one class)',
@@ -156,8 +156,8 @@ class SearchSection:
         if self.smaller_by is not None:
             size_budget(1, self.smaller_by)  # one-line error when it is not a fraction in [0, 1)
         if self.metric not in LABEL_FREE_METRICS:
-            raise LabellessError(f"search.metric must be {' or '.join(LABEL_FREE_METRICS)} (labelless run sweeps without "
-                                 f"labels), got {self.metric!r}")
+            raise LabellessError(f"search.metric must be {' or '.join(LABEL_FREE_METRICS)} (labelless run sweeps "
+                                 f"without labels), got {self.metric!r}")
         if self.max_bytes is not None:
             _at_least_one("search.max_bytes", self.max_bytes)
         if self.max_drop is not None and self.max_drop < 0:

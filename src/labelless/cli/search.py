@@ -24,7 +24,8 @@ from .sweep import IMPORTANCE_FILE, open_data
 def add_parser(subparsers) -> None:
     parser = subparsers.add_parser("search", help="find the smallest plan within an accuracy budget")
     parser.add_argument("sweep_dir", help="the folder a `labelless sweep` wrote")
-    parser.add_argument("--max-drop", type=float, default=None, help="budget in points of --metric (agreement by default)")
+    parser.add_argument("--max-drop", type=float, default=None,
+                        help="budget in points of --metric (agreement by default)")
     parser.add_argument("--max-bytes", type=int, default=None,
                         help="size budget in bytes; alone, the search returns the most faithful plan that fits")
     parser.add_argument("--smaller-by", default=None, metavar="FRACTION",
