@@ -128,6 +128,32 @@ def test_a_non_finite_loss_stops_every_rank_with_the_same_error(work):
     assert not (work / "nan.lless").exists() and not leftovers(work)
 
 
+ALONE = """
+import torch
+from labelless import distributed
+
+def inside():  # what the search's short retrainings do on rank 0 while the others wait
+    linear = torch.nn.Linear(2, 2)
+    distributed.broadcast_state(linear)
+    return distributed.world_size(), distributed.wrap(linear, torch.device("cpu")) is linear
+
+with distributed.session():
+    found = distributed.on_main(inside)
+    print(f"rank {distributed.rank()}: inside {found}, after {distributed.world_size()}", flush=True)
+"""
+
+
+def test_on_main_runs_rank_0_as_a_group_of_one_without_deadlock(tmp_path):
+    (tmp_path / "alone.py").write_text(ALONE)
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", "alone.py"]
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK")}
+    run = subprocess.run(command, cwd=tmp_path, env=dict(env, OMP_NUM_THREADS="1"), capture_output=True, text=True,
+                         timeout=90)  # a deadlock shows as a timeout
+    assert run.returncode == 0, run.stderr[-3000:]
+    assert sorted(re.findall(r"rank \d: .*", run.stdout)) == ["rank 0: inside (1, True), after 2",
+                                                               "rank 1: inside (1, True), after 2"]
+
+
 def test_without_torchrun_every_helper_is_a_no_op(tiny):
     assert not distributed.launched() and not distributed.active()
     assert (distributed.rank(), distributed.world_size(), distributed.is_main()) == (0, 1, True)

@@ -108,9 +108,12 @@ def session() -> Iterator[bool]:
             destroy()
 
 
+_alone = False  # rank 0 inside on_main(): the other ranks wait there, so it works as a group of one
+
+
 def _several() -> bool:
     """Whether collectives have anyone to talk to: a group of two processes or more."""
-    return active() and dist.get_world_size() > 1
+    return active() and not _alone and dist.get_world_size() > 1
 
 
 def rank() -> int:
@@ -119,8 +122,8 @@ def rank() -> int:
 
 
 def world_size() -> int:
-    """How many processes take part (1 without torchrun)."""
-    return dist.get_world_size() if active() else 1
+    """How many processes take part (1 without torchrun, and for rank 0 inside :func:`on_main`)."""
+    return dist.get_world_size() if active() and not _alone else 1
 
 
 def local_rank() -> int:
@@ -178,17 +181,24 @@ def gather_objects(obj: Any) -> list[Any]:
 def on_main(fn: Callable[[], T]) -> T:
     """``fn()`` run on rank 0 alone; the other ranks wait and receive its result.
 
+    Inside ``fn`` rank 0 works as a group of one: :func:`world_size` is 1 and every collective
+    here (broadcasts, :func:`wrap`) is a no-op, so ``fn`` may call code written for torchrun
+    (a short retraining, say) without waiting for ranks that are not there.
     When ``fn`` fails on rank 0, every rank fails with the same one-line message.
     """
+    global _alone
     if not _several():
         return fn()
     outcome: tuple[str, Any] | None = None
     failure: BaseException | None = None
     if is_main():
+        _alone = True
         try:
             outcome = ("ok", fn())
         except Exception as exc:  # noqa: BLE001 - re-raised below, after the others were told
             outcome, failure = ("error", str(exc)), exc
+        finally:
+            _alone = False
     outcome = broadcast_object(outcome)
     if failure is not None:
         raise failure
