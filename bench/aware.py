@@ -5,10 +5,13 @@ Reads a finished ``labelless run`` folder (its config, teacher and sweep), walks
 ladder of plans between two sizes, and for each sampled plan measures, as ``labelless run``
 would make it (importance-weighted k-means, then compensation):
 
-* ``drop_before``: agreement drop on the sweep's unlabelled images (what the plain search sees);
+* ``drop_before``: agreement drop on the sweep's unlabelled images with nearest-centroid
+  indices (what the search sees with ``search: {as_shipped: false}``);
+* ``drop_shipped``: the same of the model as the run ships it, compensated (what the search
+  sees by default, ``as_shipped: true``);
 * ``drop_after``: the same after a short label-free retraining on images held apart from the
   sweep's (what the retraining-aware search sees: ``search: {after_retraining: n}``);
-* ``balanced_*`` / ``kl_*``: the same two moments in class-balanced agreement drop and in KL;
+* ``balanced_*`` / ``kl_*``: the same three in class-balanced agreement drop and in KL;
 * ``test_before`` / ``test_after``: accuracy on the test set as quantized, and after the run's
   full label-free retraining (what a user ships).
 
@@ -170,10 +173,12 @@ def _measure_plan(s: Setup, rung, evaluate, test) -> dict:
                              config=s.retrain_config())
     path = Path("/tmp") / f"aware-{s.spec.name}.lless"
     size = labelless.save(full.model, path)["total_bytes"]
-    after = s.reference.figures_of(short.model)
-    return {"bytes": size, "drop_before": drop_before, "drop_after": 100.0 - after["agreement"],
-            "balanced_before": 100.0 - before["balanced"], "balanced_after": 100.0 - after["balanced"],
-            "kl_before": before["kl"], "kl_after": after["kl"],
+    after, shipped = s.reference.figures_of(short.model), s.reference.figures_of(model)
+    return {"bytes": size, "drop_before": drop_before, "drop_shipped": 100.0 - shipped["agreement"],
+            "drop_after": 100.0 - after["agreement"],
+            "balanced_before": 100.0 - before["balanced"], "balanced_shipped": 100.0 - shipped["balanced"],
+            "balanced_after": 100.0 - after["balanced"],
+            "kl_before": before["kl"], "kl_shipped": shipped["kl"], "kl_after": after["kl"],
             "test_before": _accuracy(model, test, s.preprocess), "test_after": _accuracy(full.model, test, s.preprocess),
             "seconds": round(time.perf_counter() - start, 1)}
 
@@ -197,40 +202,55 @@ def render(rows: list[dict], plot: str | None = None) -> str:
     if plot:
         _scatter(rows, plot)
     first = rows[0]
+    have = [field for field in SEARCHES if all(field in r for r in rows)]  # older rows lack drop_shipped
     lines = [f"{first['model']}: teacher {first['teacher_accuracy']:.2f}% on {first['test_images']:,} test images; "
              f"{len(rows)} plans of the ladder; {first['machine']}, {first['date']}.", "",
-             "| budget | plain search picks | test % after retraining | retraining-aware picks | test % after retraining |",
-             "|---|---:|---:|---:|---:|"]
+             "| budget | " + " | ".join(f"{SEARCHES[f]} picks | its test % after retraining" for f in have) + " |",
+             "|---|" + "---:|---:|" * len(have)]
     for budget in BUDGETS:
-        lines.append(_budget_row(f"drop <= {budget:g} points", _smallest(rows, "drop_before", budget),
-                                 _smallest(rows, "drop_after", budget)))
+        lines.append(_budget_row(f"drop <= {budget:g} points", [_smallest(rows, f, budget) for f in have]))
     for target in SIZE_TARGETS:
         fits = [r for r in rows if r["bytes"] <= (1 - target) * first["fp32_bytes"]]
-        lines.append(_budget_row(f">= {100 * target:g}% smaller", _least(fits, "drop_before"), _least(fits, "drop_after")))
-    lines += ["", "| bytes | smaller | label-free drop before | after short retraining | test % quantized | test % retrained |",
-              "|---:|---:|---:|---:|---:|---:|"]
+        lines.append(_budget_row(f">= {100 * target:g}% smaller", [_least(fits, f) for f in have]))
+    lines += ["", "| bytes | smaller | label-free drop, plain indices | as shipped | after short retraining "
+                  "| test % as shipped | test % retrained |", "|---:|---:|---:|---:|---:|---:|---:|"]
     lines += [f"| {r['bytes']:,} | {100 * (1 - r['bytes'] / r['fp32_bytes']):.2f}% | {r['drop_before']:.2f} | "
-              f"{r['drop_after']:.2f} | {r['test_before']:.2f} | {r['test_after']:.2f} |" for r in rows]
+              f"{_cell(r.get('drop_shipped'))} | {r['drop_after']:.2f} | {r['test_before']:.2f} | "
+              f"{r['test_after']:.2f} |" for r in rows]
     return "\n".join(lines + ["", *_rank_table(rows)])
 
 
 MEASURES = {"drop": "top-1 agreement drop", "balanced": "class-balanced agreement drop", "kl": "KL"}
+# the label-free drop each search judges plans by: the row field it reads, and its name
+SEARCHES = {"drop_before": "plain-index search", "drop_shipped": "as-shipped search",
+            "drop_after": "retraining-aware search"}
+MOMENTS = {"before": "plain indices", "shipped": "as shipped", "after": "after retraining"}
+
+
+def _cell(value: float | None) -> str:
+    return "-" if value is None else f"{value:.2f}"
 
 
 def _rank_table(rows: list[dict]) -> list[str]:
     """Spearman rank correlation of each label-free measure with the test drop, over the plans
     that have it (rows measured before the balanced and KL figures lack them)."""
-    lines = ["| label-free measure | Spearman with the test drop, as quantized | after retraining | plans |",
-             "|---|---:|---:|---:|"]
+    lines = ["| label-free measure | " + " | ".join(f"Spearman with the test drop, {m}" for m in MOMENTS.values())
+             + " | plans |", "|---|" + "---:|" * (len(MOMENTS) + 1)]
     teacher, body = rows[0]["teacher_accuracy"], []
     for key, name in MEASURES.items():
         have = [r for r in rows if f"{key}_before" in r]
         if len(have) < 3:
             continue
-        cells = [_spearman([r[f"{key}_{when}"] for r in have], [teacher - r[f"test_{when}"] for r in have])
-                 for when in ("before", "after")]
-        body.append(f"| {name} | {cells[0]:.2f} | {cells[1]:.2f} | {len(have)} |")
+        cells = [_spearman([r[f"{key}_{when}"] for r in have], [teacher - r[f"test_{_test(when)}"] for r in have])
+                 if all(f"{key}_{when}" in r for r in have) else None for when in MOMENTS]
+        body.append(f"| {name} | " + " | ".join(_cell(c) for c in cells) + f" | {len(have)} |")
     return lines + body if body else []
+
+
+def _test(moment: str) -> str:
+    """The test accuracy a label-free moment predicts: the model as quantized (plain indices are
+    never shipped: the test figure is of the compensated model), or after retraining."""
+    return "after" if moment == "after" else "before"
 
 
 def _spearman(x: list[float], y: list[float]) -> float:
@@ -260,11 +280,11 @@ def _least(rows: list[dict], field: str) -> dict | None:
     return min(rows, key=lambda r: (r[field], r["bytes"])) if rows else None
 
 
-def _budget_row(name: str, plain: dict | None, aware: dict | None) -> str:
+def _budget_row(name: str, picks: list[dict | None]) -> str:
     def cells(row):
         return "none fits | -" if row is None else f"{row['bytes']:,} | {row['test_after']:.2f}"
 
-    return f"| {name} | {cells(plain)} | {cells(aware)} |"
+    return f"| {name} | " + " | ".join(cells(row) for row in picks) + " |"
 
 
 def _scatter(rows: list[dict], path: str) -> None:
@@ -275,7 +295,10 @@ def _scatter(rows: list[dict], path: str) -> None:
 
     teacher = rows[0]["teacher_accuracy"]
     figure, ax = plt.subplots(figsize=(6, 4.2))
-    ax.scatter([r["drop_before"] for r in rows], [teacher - r["test_before"] for r in rows], label="as quantized")
+    ax.scatter([r["drop_before"] for r in rows], [teacher - r["test_before"] for r in rows], marker="x",
+               label="plain indices")
+    if all("drop_shipped" in r for r in rows):
+        ax.scatter([r["drop_shipped"] for r in rows], [teacher - r["test_before"] for r in rows], label="as shipped")
     ax.scatter([r["drop_after"] for r in rows], [teacher - r["test_after"] for r in rows], marker="^",
                label="after label-free retraining")
     ax.set_xlabel("label-free drop: agreement with the teacher on unlabelled images (points)")

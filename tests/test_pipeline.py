@@ -21,9 +21,14 @@ TINY = {
 
 @pytest.mark.skipif(not __import__("pathlib").Path("/usr/share/datasets/fashion-mnist").is_dir(),
                     reason="needs the Fashion-MNIST package")
-def test_run_writes_model_report_sweep_and_config(tmp_path, capsys, caplog):
+def test_run_writes_model_report_sweep_and_config(tmp_path, capsys, caplog, monkeypatch):
+    from labelless import pipeline
+
     config = tmp_path / "tiny.yaml"
     config.write_text(yaml.safe_dump(dict(TINY, out=str(tmp_path / "out"))))
+    compensated = []
+    real_compensate = pipeline.compensate
+    monkeypatch.setattr(pipeline, "compensate", lambda *a, **k: compensated.append(1) or real_compensate(*a, **k))
     assert main(["run", str(config)]) == 0
     out = tmp_path / "out"
     for name in ("model.lless", "quantized.lless", "baseline.lless", "report.md", "report.json", "config.yaml",
@@ -39,6 +44,8 @@ def test_run_writes_model_report_sweep_and_config(tmp_path, capsys, caplog):
     assert yaml.safe_load((out / "config.yaml").read_text())["sweep"]["clusters"] == [1, 4, 16]
     searched = json.loads((out / "search.json").read_text())
     rescored = [c for c in searched["alternatives"] if c["retrained_drop"] is not None]
+    # the search measured every plan as shipped (compensated), once each; the quantize stage reused its model
+    assert len(compensated) == len(searched["alternatives"]) > len(rescored)
     assert len(rescored) == 2 and report["search"]["retrained_drop"] == searched["best"]["retrained_drop"]
     assert searched["best"]["retrained_drop"] <= 25.0 or searched["best"]["bytes"] == max(c["bytes"] for c in rescored)
     printed = capsys.readouterr().out

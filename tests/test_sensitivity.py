@@ -150,6 +150,29 @@ def test_searched_plan_meets_its_budget_when_evaluated(swept, tiny, digits, prep
     assert sizes == sorted(sizes) and found.best in found.alternatives
 
 
+def test_a_search_measuring_plans_as_shipped_keeps_its_budget_on_the_compensated_model(swept, tiny, digits,
+                                                                                        preprocess):
+    from labelless.compensate import compensate
+
+    reference = prepare_reference(tiny, digits, preprocess, None, 64, torch.device("cpu"))
+    built = {}
+
+    def build(choice):  # as labelless run ships a plan: quantized, then compensated on unlabelled images
+        model = labelless.quantize(tiny, labelless.Plan.from_choice(choice))
+        compensate(model, tiny, digits, preprocess, n_images=128)
+        built[json.dumps(labelless.Plan.from_choice(choice).to_data())] = model
+        return model
+
+    found = search(swept, make_evaluator(reference, build=build), max_drop=2.0)
+    shipped = built[json.dumps(found.best.plan().to_data())]
+    drop = 100 - agreement(predict(shipped, digits, preprocess).logits, predict(tiny, digits, preprocess).logits)
+    assert drop == pytest.approx(found.best.measured_drop, abs=1e-6) and drop <= 2.0
+    plain = make_evaluator(reference)(found.best.choice)
+    assert plain[0] == found.best.bytes  # compensation moves indices, never bytes
+    with pytest.raises(labelless.LabellessError, match="build must apply the plan"):
+        make_evaluator(reference, build=lambda choice: tiny)(found.best.choice)
+
+
 def test_search_by_size_returns_the_most_faithful_plan_that_fits(swept, tiny, digits, preprocess):
     reference = prepare_reference(tiny, digits, preprocess, None, 64, torch.device("cpu"))
     limit = swept.reference["fp32_bytes"] // 3

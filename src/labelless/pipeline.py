@@ -31,7 +31,7 @@ from .fileformat import save
 from .importance import fisher_importance
 from .io import atomic_write_json, atomic_write_text
 from .models import ModelSpec, build_model, load_weights, save_checkpoint, state_digest
-from .plan import load_plan
+from .plan import Plan, load_plan
 from .quantize import quantize
 from .refine import refine_images
 from .report import plot_search
@@ -225,10 +225,14 @@ def _importance(run: _Run, preprocess) -> dict[str, torch.Tensor] | None:
 def _quantized(run: _Run, plan, importance, preprocess) -> nn.Module:
     """The plan applied; then, as configured, compensated and BatchNorm-corrected on the unlabelled
     images (once per plan in a run: a plan the search already made is handed back)."""
-    key = json.dumps(plan.to_data(), sort_keys=True)
+    key = _plan_key(plan)
     if key not in run.quantized:
         run.quantized[key] = _quantize(run, plan, importance, preprocess)
     return run.quantized[key]
+
+
+def _plan_key(plan) -> str:
+    return json.dumps(plan.to_data(), sort_keys=True)
 
 
 def _quantize(run: _Run, plan, importance, preprocess) -> nn.Module:
@@ -285,12 +289,15 @@ def _search(run: _Run, result, unlabeled, preprocess, importance, identity: dict
     section, cfg = run.config.search, run.config.sweep
     reference = prepare_reference(run.teacher, unlabeled, preprocess, None, cfg.batch_size, run.device)
     reference.importance = importance
-    found = search(result, make_evaluator(reference, section.metric), max_drop=section.max_drop, metric=section.metric,
-                   max_bytes=section.max_bytes, smaller_by=section.smaller_by)
+    found = search(result, make_evaluator(reference, section.metric, _builder(run, importance, preprocess)),
+                   max_drop=section.max_drop, metric=section.metric, max_bytes=section.max_bytes,
+                   smaller_by=section.smaller_by)
     drop = _after_retraining(run, reference, preprocess, importance) if section.after_retraining else None
     if drop is not None:
         found = rescore(found, drop, n=section.after_retraining)
     plan = found.best.plan()
+    chosen = _plan_key(plan)
+    run.quantized = {key: model for key, model in run.quantized.items() if key == chosen}  # the others are done
     run.report["search"] = {"max_drop": section.max_drop, "max_bytes": section.max_bytes,
                             "smaller_by": section.smaller_by, "metric": section.metric,
                             "measured_drop": found.best.measured_drop, "predicted_drop": found.best.predicted_drop,
@@ -300,6 +307,16 @@ def _search(run: _Run, result, unlabeled, preprocess, importance, identity: dict
     plot_search(found, result.reference["fp32_bytes"], run.out / "search.png")
     atomic_write_json(run.out / "search.json", dict(found.to_dict(), identity=identity, summary=run.report["search"]))
     return plan
+
+
+def _builder(run: _Run, importance, preprocess):
+    """``build(choice)``: that plan's model as the run ships it, for the search to measure; None
+    when the search measures plain quantized tensors (``search.as_shipped`` off, or nothing to
+    calibrate: then both are the same model)."""
+    cfg = run.config.quantize
+    if not run.config.search.as_shipped or not (cfg.compensate or cfg.correct_bn):
+        return None
+    return lambda choice: _quantized(run, Plan.from_choice(choice), importance, preprocess)
 
 
 def _after_retraining(run: _Run, reference, preprocess, importance):

@@ -146,6 +146,9 @@ class SearchSection:
                                       '(0: judge them as quantized)')
     retrain_images: int = option(1000, 'unlabelled images of that short retraining, held apart from the sweep\'s')
     retrain_epochs: int = option(1, 'epochs of that short retraining')
+    as_shipped: bool = option(True, 'measure each plan as the run ships it, compensated and BatchNorm-corrected as '
+                                    'the quantize section says (one compensation per plan measured); false: with '
+                                    'nearest-centroid indices (faster, but blind to what compensation wins back)')
 
     def __post_init__(self) -> None:
         _at_least_zero("search.after_retraining", self.after_retraining)

@@ -24,9 +24,11 @@ from typing import Any, Callable
 
 import numpy as np
 import torch
+from torch import nn
 
 from .errors import LabellessError
 from .plan import Plan, TensorChoice
+from .quantize import quantized_tensors
 from .sensitivity import Reference, SweepResult, SweepRow, scores_of, variant
 
 __all__ = ["Candidate", "SearchResult", "search", "rescore", "ladder", "make_evaluator", "size_budget"]
@@ -277,18 +279,35 @@ def _candidate(choice: dict[str, TensorChoice], options: dict[str, list[tuple]],
     return Candidate(choice, int(base - saved), float(drop), float(kl))
 
 
-def make_evaluator(reference: Reference, metric: str = "agreement") -> Callable[[dict[str, TensorChoice]], tuple]:
+def make_evaluator(
+    reference: Reference, metric: str = "agreement", build: Callable[[dict[str, TensorChoice]], nn.Module] | None = None
+) -> Callable[[dict[str, TensorChoice]], tuple]:
     """``evaluate(choice) -> (file bytes, drop in points, figures)`` on the reference images.
 
-    Quantized tensors are swapped into the original model in place and restored after,
-    and each (tensor, choice) is clustered only once however often the search asks for it,
-    under the reference's importance when it has some.
+    By default, quantized tensors are swapped into the original model in place and restored
+    after, and each (tensor, choice) is clustered only once however often the search asks for
+    it, under the reference's importance when it has some. ``build(choice) -> model``, when
+    given, makes each plan's model as it will ship (quantized, then compensated or BatchNorm-
+    corrected: see :mod:`labelless.pipeline`), and that model is measured instead.
     """
-    cache: dict[tuple[str, TensorChoice], tuple] = {}
     baseline = 100.0 if metric != "accuracy" else reference.measure()["accuracy"] if reference.labeled else None
+    swapped = _swapper(reference)
 
     def evaluate(choice: dict[str, TensorChoice | int]) -> tuple[int, float, dict[str, float]]:
         choice = {key: TensorChoice.of(k) for key, k in choice.items()}
+        figures, obtained = swapped(choice) if build is None else _built(reference, build(choice), choice)
+        size = reference.sizer.size(obtained, Plan.from_choice(choice).to_data() if choice else None)
+        return size, baseline - figures[metric], figures
+
+    return evaluate
+
+
+def _swapper(reference: Reference) -> Callable[[dict[str, TensorChoice]], tuple[dict, dict]]:
+    """``swapped(choice) -> (figures, centroids obtained per tensor)`` of the original model with
+    the choice's quantized tensors swapped in (each clustered once, then cached)."""
+    cache: dict[tuple[str, TensorChoice], tuple] = {}
+
+    def swapped(choice: dict[str, TensorChoice]) -> tuple[dict, dict]:
         swaps = []
         for key, k in choice.items():
             layer, _, tensor = key.rpartition(".")
@@ -305,8 +324,17 @@ def make_evaluator(reference: Reference, metric: str = "agreement") -> Callable[
             with torch.no_grad():
                 for (param, _), original in zip(swaps, originals):
                     param.copy_(original)
-        n_clusters = {key: dataclasses.replace(k, k=cache[(key, k)][3]) for key, k in choice.items()}
-        size = reference.sizer.size(n_clusters, Plan.from_choice(choice).to_data() if choice else None)
-        return size, baseline - figures[metric], figures
+        return figures, {key: dataclasses.replace(k, k=cache[(key, k)][3]) for key, k in choice.items()}
 
-    return evaluate
+    return swapped
+
+
+def _built(reference: Reference, model: nn.Module, choice: dict[str, TensorChoice]) -> tuple[dict, dict]:
+    """(figures, centroids obtained per tensor) of a model that ``build`` made from ``choice``."""
+    found = quantized_tensors(model)
+    missing = sorted(set(choice) - set(found))
+    if missing:
+        raise LabellessError(f"the model built for a searched plan does not quantize {', '.join(missing[:3])}: "
+                             f"build must apply the plan it is given")
+    return reference.figures_of(model), {key: dataclasses.replace(k, k=found[key].n_clusters)
+                                         for key, k in choice.items()}

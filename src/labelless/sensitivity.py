@@ -163,16 +163,15 @@ class Reference:
             return torch.cat([_run(model or self.model, x, self.device) for x in batches])
 
     def figures_of(self, model: nn.Module) -> dict[str, float]:
-        """Agreement, class-balanced agreement and KL of another model (a retrained student) with
-        the original on these images."""
-        return fidelity(self.run(self.inputs, model.to(self.device).eval()), self.teacher)
+        """:meth:`measure` of another model (a quantized and compensated or a retrained student)."""
+        return self.measure(model.to(self.device).eval())
 
-    def measure(self) -> dict[str, float]:
-        """Agreement, class-balanced agreement and KL with the original on the unlabelled images;
-        accuracy if labelled."""
-        figures = fidelity(self.run(self.inputs), self.teacher)
+    def measure(self, model: nn.Module | None = None) -> dict[str, float]:
+        """Agreement, class-balanced agreement and KL of ``model`` (by default the original, as
+        the sweep has modified it) with the original on the unlabelled images; accuracy if labelled."""
+        figures = fidelity(self.run(self.inputs, model), self.teacher)
         if self.labeled:
-            figures["accuracy"] = accuracy(self.run(self.labeled[0]), self.labeled[1])
+            figures["accuracy"] = accuracy(self.run(self.labeled[0], model), self.labeled[1])
         return figures
 
 
