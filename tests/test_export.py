@@ -94,6 +94,24 @@ def test_compressed_onnx_is_at_most_a_quarter_larger_than_the_lless_file(k, tmp_
     assert report["ratio"] == report["onnx_bytes"] / lless.stat().st_size <= 1.25
 
 
+@pytest.mark.parametrize("dense", [False, True])
+def test_a_model_past_protobufs_2_gib_is_written_with_its_tensors_beside_it(lless16, tmp_path, monkeypatch, dense):
+    from labelless import onnxfile
+
+    monkeypatch.setattr(onnxfile, "PROTOBUF_LIMIT", 100_000)  # a ResNet-18 stands in for a 2 GiB network
+    out = tmp_path / "big.onnx"
+    report = export_onnx(lless16, out, dense=dense)
+    data = tmp_path / "big.onnx.data"
+    assert report["files"] == [str(out), str(data)] and out.stat().st_size < 100_000 < data.stat().st_size
+    assert report["onnx_bytes"] == out.stat().st_size + data.stat().st_size
+    assert report["dynamic_size"]  # the second-size check ran through a file as well
+    onnx.checker.check_model(str(out), full_check=True)
+    model = labelless.load(lless16)
+    x = fashion_images(SPEC, 8)
+    assert_matches(out, model, x)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["big.onnx", "big.onnx.data"]  # nothing left over
+
+
 def test_dense_export_matches_and_is_large(lless16, tmp_path):
     out = tmp_path / "dense.onnx"
     report = export_onnx(lless16, out, dense=True, opset=17)

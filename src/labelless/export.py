@@ -27,7 +27,6 @@ weight can never get the wrong values: such a weight merely stays dense (with a 
 from __future__ import annotations
 
 import inspect as _inspect
-import io
 import json
 import logging
 import math
@@ -39,10 +38,10 @@ import numpy as np
 import torch
 from torch import nn
 
-from . import coding
+from . import coding, onnxfile
 from .errors import LabellessError
 from .fileformat import load, read
-from .io import atomic_path, check_output_dir
+from .io import check_output_dir
 from .models import ModelSpec
 from .quantize import QuantizedTensor, dequantize, quantized_tensors
 
@@ -92,7 +91,7 @@ def export_onnx(
         >>> report["onnx_bytes"], report["lless_bytes"], report["ratio"]
         (1467820, 1412296, 1.04)
     """
-    onnx = _require_onnx()
+    _require_onnx()
     _check_options(opset, dense, exporter)
     check_output_dir(path)
     model, example, spec, lless_bytes = _source_model(source, spec, example_input, custom)
@@ -103,14 +102,13 @@ def export_onnx(
     if not dense:
         counts = _compress_graph(proto.graph, quantized_tensors(model))
     _add_metadata(proto, spec)
-    onnx.checker.check_model(proto, full_check=True)
-    with atomic_path(path) as tmp:
-        onnx.save_model(proto, str(tmp))
-    onnx_bytes = Path(path).stat().st_size
+    files = onnxfile.save(proto, path)
+    onnx_bytes = sum(file.stat().st_size for file in files)
     ratio = None if lless_bytes is None else onnx_bytes / lless_bytes
     report = {"path": str(path), "dense": dense, "opset": opset, "onnx_bytes": onnx_bytes,
               "lless_bytes": lless_bytes, "ratio": ratio, "input_shape": ["batch", *example.shape[1:2],
-              *(["height", "width"] if dynamic_size else example.shape[2:])], "dynamic_size": dynamic_size, **counts}
+              *(["height", "width"] if dynamic_size else example.shape[2:])], "dynamic_size": dynamic_size,
+              "files": [str(file) for file in files], **counts}
     log.info("wrote %s: %d bytes%s", path, onnx_bytes, "" if ratio is None else f", {ratio:.3f}x the .lless file")
     return report
 
@@ -226,15 +224,14 @@ def _runs_at_another_size(proto, model: nn.Module, example: torch.Tensor) -> boo
     """Whether the exported graph, run by onnxruntime at a second input size (batch 2), gives
     what the model gives there. Without onnxruntime: False (the safe, fixed-size export)."""
     try:
-        import onnxruntime
+        import onnxruntime  # noqa: F401 - onnxfile.session uses it
     except ImportError:
         return False
     other = torch.randn(2, example.shape[1], *(d + 16 for d in example.shape[2:]))
     try:
         with torch.no_grad():
             expected = model(other).numpy()
-        session = onnxruntime.InferenceSession(proto.SerializeToString(), providers=["CPUExecutionProvider"])
-        got = session.run(None, {"input": other.numpy()})[0]
+        got = onnxfile.session(proto).run(None, {"input": other.numpy()})[0]
     except Exception:  # noqa: BLE001 - a size the network or the graph cannot take: fixed size
         return False
     return got.shape == expected.shape and bool(np.allclose(got, expected, rtol=1e-3, atol=1e-3))
@@ -245,8 +242,6 @@ def _runs_at_another_size(proto, model: nn.Module, example: torch.Tensor) -> boo
 
 def _export_dense(model: nn.Module, example: torch.Tensor, opset: int, exporter: str, spatial: bool = False):
     """The model as an ONNX ModelProto with fp32 initializers (BatchNorm kept, not folded)."""
-    import onnx
-
     model = model.to("cpu", torch.float32)
     use_dynamo = exporter == "dynamo" or (exporter == "auto" and not _has_torchscript_exporter())
     try:
@@ -254,23 +249,21 @@ def _export_dense(model: nn.Module, example: torch.Tensor, opset: int, exporter:
             warnings.simplefilter("ignore")  # the TorchScript exporter's deprecation notice
             if use_dynamo:
                 return _export_dynamo(model, example, opset, spatial)
-            return onnx.load_from_string(_export_torchscript(model, example, opset, spatial))
+            return _export_torchscript(model, example, opset, spatial)
     except torch.onnx.errors.OnnxExporterError as exc:  # what torch cannot express in ONNX
         hint = "the TorchScript one (--exporter torchscript)" if use_dynamo else "the dynamo one (--exporter dynamo)"
         raise LabellessError(f"torch's ONNX exporter cannot export this model ({_first_sentence(exc)}): "
                              f"try {hint} or another input size") from None
 
 
-def _export_torchscript(model: nn.Module, example: torch.Tensor, opset: int, spatial: bool) -> bytes:
-    buffer = io.BytesIO()
+def _export_torchscript(model: nn.Module, example: torch.Tensor, opset: int, spatial: bool):
     axes = {0: "batch", 2: "height", 3: "width"} if spatial else {0: "batch"}
-    torch.onnx.export(
-        model, (example,), buffer, input_names=["input"], output_names=["logits"],
+    return onnxfile.exported(lambda file: torch.onnx.export(  # to a file: past 2 GiB, torch writes external data
+        model, (example,), file, input_names=["input"], output_names=["logits"],
         dynamic_axes={"input": axes, "logits": {0: "batch"}}, opset_version=opset,
         training=torch.onnx.TrainingMode.PRESERVE,  # EVAL would fold BatchNorm into the weights
         do_constant_folding=False, **({"dynamo": False} if "dynamo" in _export_parameters() else {}),
-    )
-    return buffer.getvalue()
+    ))
 
 
 def _first_sentence(exc: BaseException) -> str:

@@ -43,4 +43,6 @@ def run(args: argparse.Namespace) -> int:
         print(f"{report['path']}: {kind} ONNX (opset {report['opset']}), {human_bytes(report['onnx_bytes'])} "
               f"({report['onnx_bytes']} bytes) = {report['ratio']:.3f} x the .lless file "
               f"({report['lless_bytes']} bytes)")
+        if len(report["files"]) > 1:
+            print(f"its tensors are in {report['files'][1]} (past protobuf's 2 GiB): keep the two files together")
     return 0
