@@ -277,7 +277,9 @@ def _smallest(rows: list[dict], field: str, budget: float) -> dict | None:
 
 
 def _least(rows: list[dict], field: str) -> dict | None:
-    return min(rows, key=lambda r: (r[field], r["bytes"])) if rows else None
+    """The search's pick under a size budget: least drop, then least KL (as search._most_faithful)."""
+    kl = field.replace("drop", "kl")
+    return min(rows, key=lambda r: (r[field], r[kl], r["bytes"])) if rows else None
 
 
 def _budget_row(name: str, picks: list[dict | None]) -> str:

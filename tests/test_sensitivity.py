@@ -182,6 +182,21 @@ def test_search_by_size_returns_the_most_faithful_plan_that_fits(swept, tiny, di
     assert found.best.measured_drop == min(c.measured_drop for c in fitting)
 
 
+def test_under_a_size_budget_equal_drops_go_to_the_plan_with_the_smaller_kl(swept, tiny, digits, preprocess):
+    reference = prepare_reference(tiny, digits, preprocess, None, 64, torch.device("cpu"))
+    real = make_evaluator(reference)
+
+    def coarse(choice):  # every plan the same agreement drop, as on few images; KL still tells them apart
+        size, _, figures = real(choice)
+        return size, 1.0, dict(figures, kl=1.0 / size)
+
+    limit = swept.reference["fp32_bytes"] // 3
+    found = search(swept, coarse, max_bytes=limit)
+    fitting = [c for c in found.alternatives if c.bytes <= limit]
+    assert len({c.bytes for c in fitting}) >= 2, "the test needs two plans that fit"
+    assert found.best.bytes == max(c.bytes for c in fitting)  # the least KL, not the fewest bytes
+
+
 def test_a_size_target_as_a_fraction_of_fp32_bounds_the_file(swept, tiny, digits, preprocess, tmp_path):
     reference = prepare_reference(tiny, digits, preprocess, None, 64, torch.device("cpu"))
     fp32 = swept.reference["fp32_bytes"]
@@ -202,7 +217,8 @@ def test_rescoring_after_retraining_picks_by_the_retrained_drop(swept, tiny, dig
     reference = prepare_reference(tiny, digits, preprocess, None, 64, torch.device("cpu"))
     limit = swept.reference["fp32_bytes"] // 3
     found = search(swept, make_evaluator(reference), max_bytes=limit)
-    fitting = sorted((c for c in found.alternatives if c.bytes <= limit), key=lambda c: c.measured_drop)
+    fitting = sorted((c for c in found.alternatives if c.bytes <= limit),
+                     key=lambda c: (c.measured_drop, c.measured["kl"]))  # the most faithful first
     assert len(fitting) >= 2, "the test needs two plans that fit"
     worst_before = fitting[1]  # retraining helps it most: it wins after retraining
     seen = []

@@ -133,8 +133,14 @@ def search(
             and (max_bytes is None or c.bytes <= max_bytes)]
     if not fits:
         raise LabellessError(_nothing_fits(metric, max_drop, max_bytes))
-    chosen = min(fits, key=lambda c: c.bytes) if max_drop is not None else min(fits, key=lambda c: (c.measured_drop, c.bytes))
+    chosen = min(fits, key=lambda c: c.bytes) if max_drop is not None else min(fits, key=_most_faithful)
     return SearchResult(chosen, sorted(measured.values(), key=lambda c: c.bytes), max_drop, metric, max_bytes)
+
+
+def _most_faithful(candidate: Candidate) -> tuple[float, float, int]:
+    """Order of preference under a size budget: the smallest measured drop; among equal drops
+    (agreement on a few hundred images moves in coarse steps) the smallest KL, then bytes."""
+    return candidate.measured_drop, (candidate.measured or {}).get("kl", 0.0), candidate.bytes
 
 
 def rescore(found: SearchResult, retrained_drop: Callable[[Candidate], float], *, n: int = 4) -> SearchResult:
@@ -164,7 +170,7 @@ def rescore(found: SearchResult, retrained_drop: Callable[[Candidate], float], *
 def _rescore_pool(found: SearchResult, n: int) -> list[Candidate]:
     fitting = [c for c in found.alternatives if found.max_bytes is None or c.bytes <= found.max_bytes]
     if found.max_drop is None:
-        return sorted(fitting, key=lambda c: (c.measured_drop, c.bytes))[:n]
+        return sorted(fitting, key=_most_faithful)[:n]
     smaller = [c for c in fitting if c.bytes <= found.best.bytes]  # the answer and the plans it beat
     return sorted(smaller, key=lambda c: c.bytes)[-n:]
 
