@@ -17,7 +17,6 @@ import datetime
 import json
 import logging
 import os
-import platform
 import sys
 import time
 from pathlib import Path
@@ -25,6 +24,8 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
+
+from machine import describe  # noqa: E402  (bench/machine.py)
 
 from labelless.io import atomic_write_json  # noqa: E402
 from labelless.models import available_models  # noqa: E402
@@ -61,11 +62,12 @@ def _row(name: str) -> dict:
     except AssertionError as exc:
         row = {"model": name, "result": f"failed: {exc}"}
     row["seconds"] = round(time.perf_counter() - start, 1)
+    row["machine"] = f"{describe()}, {datetime.date.today().isoformat()}"  # rows of several sessions share the file
     return row
 
 
 def _machine() -> dict:
-    return {"cpu": platform.processor() or platform.machine(), "cores": os.cpu_count(), "torch": torch.__version__,
+    return {"cpu": describe(), "cores": os.cpu_count(), "torch": torch.__version__,
             "date": datetime.date.today().isoformat()}
 
 
