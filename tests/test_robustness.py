@@ -580,7 +580,9 @@ RUN_CASES = {
     "bad value: smaller_by": ("search: {smaller_by: 1.5}\n", ("smaller_by must be a fraction in [0, 1)",)),
     "another config version": ("version: 2\n", ("config version 2 is not one this labelless reads (1)",)),
     "no search budget": ("search: {max_drop: null, smaller_by: null}\n", ("search needs a budget: max_drop, max_bytes or smaller_by",)),
-    "bad value: entropy": ("storage: {entropy: zip}\n", ("storage.entropy must be 'none' or 'ans'",)),
+    "bad value: entropy": ("storage: {entropy: zip}\n", ("storage.entropy must be none or ans, got 'zip'",)),
+    "bad value: batchnorm mode": ("retrain: {bn: train}\n", ("retrain.bn must be frozen or update, got 'train'",)),
+    "bad value: loss": ("retrain: {loss: l1}\n", ("retrain.loss must be kl or mse, got 'l1'",)),
     "bad value: clusters": ("sweep: {clusters: [0, 4]}\n", ("run config.sweep: clusters must be whole numbers >= 1",)),
     "bad value: limit": ("sweep: {limit: 0}\n", ("sweep.limit must be a whole number >= 1",)),
     "bad data spec": ("data: {unlabeled: cifar}\n", ("run config data.unlabeled: unknown data spec 'cifar'",)),
@@ -610,12 +612,16 @@ def test_bad_run_config_fails_at_once_and_writes_nothing(capsys, world, out, tmp
 
 def test_a_config_built_in_python_is_checked_as_one_read_from_yaml(tmp_path):
     from labelless.pipeline import RunConfig, run_pipeline
+    from labelless.retrain import BatchNorm, RetrainConfig
     from labelless.runconfig import DataSection, SearchSection
 
     with pytest.raises(LabellessError, match="search.max_drop must be >= 0"):
         SearchSection(max_drop=-1)
     with pytest.raises(LabellessError, match="data.test_limit must be a whole number >= 1"):
         DataSection(test_limit=0)
+    with pytest.raises(LabellessError, match="bn must be frozen or update, got 'train'"):
+        RetrainConfig(bn="train")
+    assert RetrainConfig(bn="update").bn is BatchNorm.UPDATE == "update"  # a plain string becomes its choice
     with pytest.raises(LabellessError, match="unknown device 'gpu'"):
         run_pipeline(RunConfig(device="gpu", out=str(tmp_path / "run")))
     assert not (tmp_path / "run").exists()  # refused before any work or file

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import enum
 import types
 import typing
 from pathlib import Path
@@ -13,15 +14,41 @@ import yaml
 from .errors import LabellessError
 from .io import check_input_file
 
-__all__ = ["from_mapping", "to_mapping", "load_yaml", "option", "commented_yaml"]
+__all__ = ["Choice", "coerce_choices", "from_mapping", "to_mapping", "load_yaml", "option", "commented_yaml"]
 
 T = TypeVar("T")
 
 
-def option(default: Any, help: str, choices: tuple[str, ...] | None = None) -> Any:
-    """A config field with its help text (and choices): the comment of :func:`commented_yaml`
-    and the help of a CLI flag derived from the field."""
-    return dataclasses.field(default=default, metadata={"help": help, "choices": choices})
+class Choice(str, enum.Enum):
+    """A field's closed set of values (subclass it): YAML, JSON, the CLI and comparisons see
+    its plain string (``BatchNorm.FROZEN == "frozen"``), and a wrong value is one clear line."""
+
+    def __str__(self) -> str:
+        return self.value
+
+    @classmethod
+    def parse(cls, value: Any, where: str) -> "Choice":
+        try:
+            return cls(value)
+        except ValueError:
+            names = [member.value for member in cls]
+            raise LabellessError(f"{where} must be {', '.join(names[:-1])} or {names[-1]}, got {value!r}") from None
+
+
+def coerce_choices(config: Any) -> None:
+    """For a frozen dataclass's ``__post_init__``: every :class:`Choice` field given as a plain
+    string (from Python) becomes its member, or fails with one line naming the valid values."""
+    hints = typing.get_type_hints(type(config))
+    for f in dataclasses.fields(config):
+        hint = hints[f.name]
+        if isinstance(hint, type) and issubclass(hint, Choice):
+            object.__setattr__(config, f.name, hint.parse(getattr(config, f.name), f.name))
+
+
+def option(default: Any, help: str) -> Any:
+    """A config field with its help text: the comment of :func:`commented_yaml` and the help of
+    a CLI flag derived from the field (a :class:`Choice` field's flag takes its values)."""
+    return dataclasses.field(default=default, metadata={"help": help})
 
 
 def commented_yaml(config: Any) -> str:
@@ -81,6 +108,8 @@ def _convert(hint: Any, value: Any, where: str) -> Any:
 
 
 def _scalar(hint: Any, value: Any, where: str) -> Any:
+    if isinstance(hint, type) and issubclass(hint, Choice):
+        return hint.parse(value, where)
     if hint is bool:
         if not isinstance(value, bool):
             raise LabellessError(f"{where} must be true or false, got {value!r}")
@@ -118,6 +147,8 @@ def to_plain(value: Any) -> Any:
         return {k: to_plain(v) for k, v in value.items()}
     if isinstance(value, Path):
         return str(value)
+    if isinstance(value, Choice):
+        return value.value
     return value
 
 

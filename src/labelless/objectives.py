@@ -23,6 +23,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from . import distributed
+from .config import Choice
 from .evaluate import accuracy, agreement, autocast, kl_divergence, kl_per_image, warn_if_collapsed
 from .features import FeatureTaps, feature_loss, tap_names
 from .progress import progress
@@ -32,7 +33,14 @@ from .selection import Evidence
 if TYPE_CHECKING:  # pragma: no cover
     from .retrain import RetrainConfig, _Trainer
 
-__all__ = ["Objective", "Distillation", "CrossEntropy"]
+__all__ = ["Objective", "Distillation", "CrossEntropy", "Loss"]
+
+
+class Loss(Choice):
+    """Distillation's loss on the logits: KL of the temperature-softened softmaxes, or MSE."""
+
+    KL = "kl"
+    MSE = "mse"
 
 
 class Objective:
@@ -184,7 +192,7 @@ def _balance_weights(logits: torch.Tensor) -> torch.Tensor:
 
 
 def _distillation_loss(student: torch.Tensor, teacher: torch.Tensor, config: RetrainConfig) -> torch.Tensor:
-    if config.loss == "mse":
+    if config.loss == Loss.MSE:
         return F.mse_loss(student, teacher)
     t = config.temperature
     return F.kl_div(F.log_softmax(student / t, 1), F.log_softmax(teacher / t, 1), log_target=True,

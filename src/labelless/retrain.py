@@ -59,23 +59,28 @@ import torch
 from torch import nn
 
 from . import distributed
-from .config import option
+from .config import Choice, coerce_choices, option
 from .data import DatasetImages, ImageSet, batch_source
 from .errors import LabellessError
 from .evaluate import autocast
 from .io import atomic_path
 from .models import state_digest, tensor_bytes
-from .objectives import CrossEntropy, Distillation, Objective, as_objective
+from .objectives import CrossEntropy, Distillation, Loss, Objective, as_objective
 from .progress import progress
 from .quantize import quantized_tensors
 from .selection import MIN_HOLDOUT, Evidence, significantly_better, too_few_held_out
 
 __all__ = ["RetrainConfig", "RetrainResult", "retrain", "trainable_parameters", "Objective", "Distillation",
-           "CrossEntropy"]
+           "CrossEntropy", "Loss", "BatchNorm"]
 
 log = logging.getLogger(__name__)
 
 NOTHING_TO_RETRAIN = "every parameter is quantized, so nothing is left to retrain"
+
+
+class BatchNorm(Choice):
+    FROZEN = "frozen"
+    UPDATE = "update"
 
 
 @dataclass(frozen=True)
@@ -87,11 +92,10 @@ class RetrainConfig:
     lr: float = option(1e-3, "Adam learning rate of the non-quantized parameters")
     weight_decay: float = option(0.0, "Adam weight decay")
     batch_size: int = option(128, "images per step (per process under torchrun)")
-    loss: str = option("kl", "label-free loss on the logits: kl (temperature-softened softmax) or mse",
-                        ("kl", "mse"))
+    loss: Loss = option(Loss.KL, "label-free loss on the logits: kl (temperature-softened softmax) or mse")
     temperature: float = option(1.0, "softmax temperature of the kl loss")
-    bn: str = option("frozen", "BatchNorm statistics: keep the original's (safe across domains) or re-estimate",
-                      ("frozen", "update"))
+    bn: BatchNorm = option(BatchNorm.FROZEN, "BatchNorm statistics: keep the original's (frozen, safe across "
+                                             "domains) or re-estimate them (update)")
     balance: bool = option(True, "label-free: resample so that the teacher's predicted classes are balanced")
     cutmix: float = option(0.0, "label-free: probability that a batch is CutMix-ed (0: off); the teacher runs "
                                 "on each mixed batch")
@@ -109,14 +113,13 @@ class RetrainConfig:
     channels_last: bool = option(True, "channels-last memory format on CUDA")
 
     def __post_init__(self) -> None:
+        coerce_choices(self)
         checks = [
             (isinstance(self.epochs, int) and self.epochs >= 1,
              f"epochs must be a whole number >= 1 (0 would train nothing), got {self.epochs!r}"),
             (self.lr > 0 and self.centroid_lr > 0, "learning rates must be > 0"),
             (self.batch_size >= 1, "batch size must be >= 1"),
-            (self.loss in ("kl", "mse"), f"loss must be kl or mse, got {self.loss!r}"),
             (self.temperature > 0, "temperature must be > 0"),
-            (self.bn in ("frozen", "update"), f"bn must be frozen or update, got {self.bn!r}"),
             (0 <= self.cutmix <= 1, "cutmix is a probability in [0, 1]"),
             (0 < self.holdout < 1, "holdout is a fraction in (0, 1)"),
             (isinstance(self.min_holdout, int) and self.min_holdout >= 1,
@@ -211,7 +214,7 @@ class _Trainer:
         self.train_idx, self.hold_idx = _split(len(self.source), config.holdout, config.seed)
         self.params = params  # the student's own parameters: placing it on the device moved them in place
         self.optimizer = _optimizer(self.student, self.params, config)
-        self.model = distributed.wrap(self.student, self.device, broadcast_buffers=config.bn == "update")
+        self.model = distributed.wrap(self.student, self.device, broadcast_buffers=config.bn == BatchNorm.UPDATE)
         self.path = None if checkpoint_dir is None else Path(checkpoint_dir) / f"retrain-{objective.kind}.ckpt"
         self.history: list[dict[str, float]] = []
 
@@ -264,7 +267,7 @@ class _Trainer:
     def _epoch(self, epoch: int, weights: torch.Tensor | None) -> tuple[float, int]:
         generator = torch.Generator().manual_seed(self.config.seed * 1000 + epoch)
         order = distributed.sampler_shard(_order(self.train_idx, weights, generator))  # this rank's share
-        self.model.train(self.config.bn == "update")
+        self.model.train(self.config.bn == BatchNorm.UPDATE)
         total, count = 0.0, 0
         batches = order.split(self.config.batch_size)
         desc = f"retrain ({self.objective.kind}) epoch {epoch}/{self.config.epochs}"
@@ -278,7 +281,7 @@ class _Trainer:
                     f"{f' in {self.path}' if self.path else ''}: try a lower --lr"
                 )
             total, count = total + loss * len(batch_idx), count + len(batch_idx)
-        if self.config.bn == "update":  # DDP gave every forward rank 0's statistics; the last too
+        if self.config.bn == BatchNorm.UPDATE:  # DDP gave every forward rank 0's statistics; the last too
             distributed.broadcast_tensors(v for k, v in self.student.named_buffers() if _is_bn_statistic(k))
         return total / max(count, 1), count * distributed.world_size()
 
@@ -326,7 +329,7 @@ class _Trainer:
     def _trainable_state(self) -> dict[str, torch.Tensor]:
         names = {id(p) for p in self.params}
         state = {k: v.detach().clone() for k, v in self.student.named_parameters() if id(v) in names}
-        if self.config.bn == "update":
+        if self.config.bn == BatchNorm.UPDATE:
             state.update({k: v.detach().clone() for k, v in self.student.named_buffers() if _is_bn_statistic(k)})
         return state
 

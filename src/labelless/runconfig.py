@@ -13,16 +13,17 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from .config import from_mapping, option
+from .config import coerce_choices, from_mapping, option
 from .data import check_spec
 from .errors import LabellessError
 from .evaluate import check_device
+from .fileformat import Entropy
 from .io import check_input_file, is_writable_folder
 from .layers import list_layers
 from .models import ModelSpec, build_model, check_input_size, weights_file
 from .plan import load_plan
 from .retrain import RetrainConfig
-from .search import LABEL_FREE_METRICS, size_budget
+from .search import LabelFreeMetric, size_budget
 from .sensitivity import SweepConfig
 from .train import TrainConfig
 
@@ -134,10 +135,10 @@ class QuantizeSection:
 @dataclass(frozen=True)
 class SearchSection:
     max_drop: float | None = option(None, 'points of search.metric the plan may cost (null: no such budget)')
-    metric: str = option("agreement", 'what the drop is measured in, both label-free: top-1 agreement with the '
-                                      'teacher, or balanced: that agreement averaged over the classes the teacher '
-                                      'predicts (for images where it calls most of them one class)',
-                         LABEL_FREE_METRICS)
+    metric: LabelFreeMetric = option(LabelFreeMetric.AGREEMENT,
+                                     'what the drop is measured in, both label-free: top-1 agreement with the '
+                                     'teacher, or balanced: that agreement averaged over the classes the teacher '
+                                     'predicts (for images where it calls most of them one class)')
     plan: str | None = option(None, 'a fixed plan file instead of sweep + search')
     max_bytes: int | None = option(None, 'size budget of the file')
     smaller_by: float | None = option(0.95, 'size budget as the share of the fp32 size saved (0.95: 95% smaller; '
@@ -158,9 +159,7 @@ class SearchSection:
             raise LabellessError("search needs a budget: max_drop, max_bytes or smaller_by (or a fixed plan)")
         if self.smaller_by is not None:
             size_budget(1, self.smaller_by)  # one-line error when it is not a fraction in [0, 1)
-        if self.metric not in LABEL_FREE_METRICS:
-            raise LabellessError(f"search.metric must be {' or '.join(LABEL_FREE_METRICS)} (labelless run sweeps "
-                                 f"without labels), got {self.metric!r}")
+        coerce_choices(self)  # labelless run sweeps without labels: agreement or balanced, never accuracy
         if self.max_bytes is not None:
             _at_least_one("search.max_bytes", self.max_bytes)
         if self.max_drop is not None and self.max_drop < 0:
@@ -169,13 +168,12 @@ class SearchSection:
 
 @dataclass(frozen=True)
 class StorageSection:
-    entropy: str = option("ans", 'index coding in the file: ans (entropy-coded) or none (bit-packed)')
+    entropy: Entropy = option(Entropy.ANS, 'index coding in the file: ans (entropy-coded) or none (bit-packed)')
     fp16_codebooks: bool = option(False, "store codebooks in float16 (half their bytes)")
     fp16_dense: bool = option(False, "store the tensors left unquantized in float16")
 
     def __post_init__(self) -> None:
-        if self.entropy not in ("none", "ans"):
-            raise LabellessError(f"storage.entropy must be 'none' or 'ans', got {self.entropy!r}")
+        coerce_choices(self)
 
 
 @dataclass(frozen=True)

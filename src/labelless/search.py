@@ -26,19 +26,34 @@ import numpy as np
 import torch
 from torch import nn
 
+from .config import Choice
 from .errors import LabellessError
 from .plan import Plan, TensorChoice
 from .quantize import quantized_tensors
 from .sensitivity import Reference, SweepResult, SweepRow, scores_of, variant
 
-__all__ = ["Candidate", "SearchResult", "search", "rescore", "ladder", "make_evaluator", "size_budget"]
+__all__ = ["Metric", "LabelFreeMetric", "Candidate", "SearchResult", "search", "rescore", "ladder", "make_evaluator", "size_budget"]
 
 log = logging.getLogger(__name__)
 
-# what a drop is measured in: points of top-1 agreement with the original, of that agreement
-# averaged over the classes the original predicts (collapse-aware), or of labelled accuracy
-LABEL_FREE_METRICS = ("agreement", "balanced")
-METRICS = LABEL_FREE_METRICS + ("accuracy",)
+class Metric(Choice):
+    """What a drop is measured in: points of top-1 agreement with the original, of that agreement
+    averaged over the classes the original predicts (collapse-aware), or of labelled accuracy."""
+
+    AGREEMENT = "agreement"
+    BALANCED = "balanced"
+    ACCURACY = "accuracy"
+
+
+class LabelFreeMetric(Choice):
+    """The metrics that read no label: those ``labelless run``'s search may use."""
+
+    AGREEMENT = "agreement"
+    BALANCED = "balanced"
+
+
+LABEL_FREE_METRICS = tuple(LabelFreeMetric)
+METRICS = tuple(Metric)
 
 N_MULTIPLIERS = 400
 

@@ -9,7 +9,7 @@ from ..bncorrect import correct_batchnorm
 from ..compensate import compensate
 from ..data import Preprocess, check_spec, open_images
 from ..errors import LabellessError
-from ..fileformat import save
+from ..fileformat import Entropy, save
 from ..importance import DEFAULT_IMAGES, fisher_importance
 from ..io import check_output_dir
 from ..plan import load_plan
@@ -49,7 +49,7 @@ def add_importance_args(parser: argparse.ArgumentParser) -> None:
 
 def add_storage_args(parser: argparse.ArgumentParser) -> None:
     group = parser.add_argument_group("storage")
-    group.add_argument("--entropy", choices=["none", "ans"], default="none", help="entropy-code the indices (lossless)")
+    group.add_argument("--entropy", choices=[e.value for e in Entropy], default="none", help="entropy-code the indices (lossless)")
     group.add_argument("--fp16-codebooks", action="store_true", help="store codebooks in fp16")
     group.add_argument("--fp16-dense", action="store_true", help="store non-quantized tensors in fp16")
 

@@ -9,9 +9,11 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import logging
+import typing
 from pathlib import Path
 
 from .. import distributed
+from ..config import Choice
 from ..data import Preprocess, open_images
 from ..errors import LabellessError
 from ..evaluate import accuracy, predict
@@ -49,14 +51,15 @@ def add_parser(subparsers) -> None:
 def add_retrain_args(parser: argparse.ArgumentParser) -> None:
     """One flag per :class:`RetrainConfig` field, its default and help taken from the field."""
     group = parser.add_argument_group("retraining")
+    hints = typing.get_type_hints(RetrainConfig)
     for option in dataclasses.fields(RetrainConfig):
-        flag, meta = "--" + option.name.replace("_", "-"), option.metadata
-        if option.type in ("bool", bool):
+        flag, meta, kind = "--" + option.name.replace("_", "-"), option.metadata, hints[option.name]
+        if kind is bool:
             group.add_argument(flag, action=argparse.BooleanOptionalAction, default=option.default,
                                help=f"{meta['help']} (default {'on' if option.default else 'off'})")
         else:
-            kind = {"int": int, "float": float, "str": str}[str(option.type)]
-            group.add_argument(flag, type=kind, default=option.default, choices=meta["choices"],
+            choices = list(kind) if issubclass(kind, Choice) else None  # a Choice parses its own strings
+            group.add_argument(flag, type=kind, default=option.default, choices=choices,
                                help=f"{meta['help']} (default {option.default})")
 
 

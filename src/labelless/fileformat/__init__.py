@@ -40,7 +40,7 @@ from .checks import FORMAT_VERSION, READABLE_VERSIONS
 from .inspecting import inspect
 from .loading import DEFAULT_MAX_PARAMS, load
 from .reading import LlessFile, read
-from .writing import fp32_safetensors_bytes, layer_table, save
+from .writing import Entropy, fp32_safetensors_bytes, layer_table, save
 
-__all__ = ["save", "load", "read", "inspect", "LlessFile", "FORMAT_VERSION", "READABLE_VERSIONS", "DEFAULT_MAX_PARAMS",
+__all__ = ["Entropy", "save", "load", "read", "inspect", "LlessFile", "FORMAT_VERSION", "READABLE_VERSIONS", "DEFAULT_MAX_PARAMS",
            "fp32_safetensors_bytes", "layer_table"]

@@ -12,6 +12,7 @@ import torch
 from torch import nn
 
 from .. import coding, layout
+from ..config import Choice
 from ..errors import LabellessError
 from ..io import atomic_path
 from ..layers import list_layers
@@ -21,6 +22,13 @@ from ..quantize import quantized_tensors
 from .inspecting import inspect
 
 log = logging.getLogger(__name__)
+
+
+class Entropy(Choice):
+    """How a file codes its indices: bit-packed, or entropy-coded with rANS (lossless)."""
+
+    NONE = "none"
+    ANS = "ans"
 
 
 def save(
@@ -45,7 +53,7 @@ def save(
     """
     for name, value, valid in (("codebook_dtype", codebook_dtype, ("float32", "float16")),
                                ("dense_dtype", dense_dtype, ("float32", "float16")),
-                               ("entropy", entropy, ("none", "ans"))):
+                               ("entropy", entropy, tuple(Entropy))):
         if value not in valid:
             raise LabellessError(f"{name} must be one of {list(valid)}, got {value!r}")
     spec = spec or getattr(model, "labelless_spec", None)
@@ -101,7 +109,7 @@ def _encode_quantized(key: str, qt, codebook_dtype: str, entropy: str, tensors: 
     bits = coding.index_bits(k)
     indices = qt.indices.detach().cpu().numpy().reshape(-1)
     tensors[layout.codebook_name(key)] = qt.centroids.detach().cpu().to(DTYPES[codebook_dtype]).contiguous()
-    use_ans = entropy == "ans" and k > 1
+    use_ans = entropy == Entropy.ANS and k > 1
     if use_ans:
         counts = np.bincount(indices, minlength=k).astype(np.int64)
         if (counts == 0).any():  # an unused centroid cannot be coded; it costs nothing to pack
