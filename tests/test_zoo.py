@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib.util
+import re
 import sys
 
 import pytest
@@ -138,6 +139,44 @@ def test_torchvision_weight_names_come_from_the_local_hub_cache_only(tmp_path):
             (0.485, 0.456, 0.406))
     finally:
         torch.hub.set_dir(before)
+
+
+def test_a_densenet_checkpoint_with_torchvisions_old_key_names_loads(tmp_path):
+    spec = labelless.ModelSpec("densenet121", num_classes=10, in_channels=1, small_input=True)
+    torch.manual_seed(0)
+    model = labelless.build_model(spec)
+    old = {re.sub(r"(denselayer\d+\.(?:norm|relu|conv))([12])\.", r"\1.\2.", k): v for k, v in model.state_dict().items()}
+    assert "features.denseblock1.denselayer1.norm.1.weight" in old  # as torchvision's published files name it
+    old = {k: v for k, v in old.items() if not k.endswith("num_batches_tracked")}  # which predate this buffer
+    torch.save(old, tmp_path / "densenet121-old.pth")
+    fresh = load_weights(labelless.build_model(spec), tmp_path / "densenet121-old.pth")
+    assert all(torch.equal(a, b) for a, b in zip(fresh.state_dict().values(), model.state_dict().values()))
+
+
+@pytest.mark.parametrize("name, size", [("googlenet", 224), ("inception_v3", 299)])
+def test_googlenet_and_inception_weights_load_without_aux_heads_and_match_torchvisions_model(tmp_path, name, size):
+    import torchvision
+
+    torch.manual_seed(0)
+    published = torchvision.models.get_model(name, weights=None, aux_logits=True, transform_input=True,
+                                             init_weights=True).eval()  # as torchvision builds it for its weights
+    weights = {"googlenet": "GoogLeNet_Weights.IMAGENET1K_V1", "inception_v3": "Inception_V3_Weights.IMAGENET1K_V1"}
+    before = torch.hub.get_dir()
+    torch.hub.set_dir(str(tmp_path))
+    try:
+        url = torchvision.models.get_weight(weights[name]).url
+        (tmp_path / "checkpoints").mkdir()
+        torch.save(published.state_dict(), tmp_path / "checkpoints" / url.rsplit("/", 1)[1])
+        ours = load_weights(labelless.build_model(labelless.ModelSpec(name)), weights[name]).eval()
+        mean, std = labelless.models.stored_normalisation(weights[name])
+    finally:
+        torch.hub.set_dir(before)
+    pixels = torch.rand(2, 3, size, size)
+    imagenet = torchvision.transforms.Normalize((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))
+    with torch.no_grad():  # torchvision: ImageNet normalisation, then transform_input; ours: the normalisation it equals
+        want = published(imagenet(pixels))
+        got = ours(torchvision.transforms.Normalize(mean, std)(pixels))
+    assert (got - want).abs().max() <= 1e-4 * want.abs().max()  # random weights: logits of any scale
 
 
 def test_a_file_of_a_custom_model_is_built_within_the_size_limit_from_its_own_arguments(nets, tmp_path):

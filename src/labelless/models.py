@@ -27,6 +27,7 @@ from torch import nn
 from . import zoo
 from .errors import ModelError
 from .io import check_input_file
+from .tvcheckpoints import TRANSFORM_INPUT_NORMALISATION, TRANSFORM_INPUT_WEIGHTS, adapt_state
 
 __all__ = [
     "ModelSpec",
@@ -291,8 +292,6 @@ def tensor_bytes(tensor: torch.Tensor) -> bytes:
 
 WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin", "model.pt", "model.pth")
 _WEIGHTS_NAME = re.compile(r"\w+_Weights\.\w+")
-# their checkpoints hold keys torchvision's builders remap or drop (aux heads, legacy names)
-_UNMAPPED_WEIGHTS = ("GoogLeNet_Weights", "Inception_V3_Weights", "DenseNet")
 
 
 def is_weights_name(value: str) -> bool:
@@ -315,9 +314,6 @@ def weights_file(path: str | Path) -> Path:
 
 
 def _cached_torchvision_weights(name: str) -> Path:
-    if name.startswith(_UNMAPPED_WEIGHTS):
-        raise ModelError(f"{name}: labelless does not map these checkpoints' keys (auxiliary heads, legacy names) "
-                         f"yet: load them with torchvision, save model.state_dict(), and give that file")
     try:
         weights = torchvision.models.get_weight(name)
     except (ValueError, KeyError, AttributeError):
@@ -330,7 +326,10 @@ def _cached_torchvision_weights(name: str) -> Path:
 
 
 def _torchvision_normalisation(name: str) -> tuple[tuple[float, ...], tuple[float, ...]] | None:
-    """The normalisation torchvision's weights ``name`` were trained with (their transforms')."""
+    """The normalisation torchvision's weights ``name`` were trained with (their transforms'; for
+    weights that expect ``transform_input``, the normalisation that step amounts to)."""
+    if name.startswith(TRANSFORM_INPUT_WEIGHTS):
+        return TRANSFORM_INPUT_NORMALISATION
     try:
         transforms = torchvision.models.get_weight(name).transforms()
         return tuple(transforms.mean), tuple(transforms.std)
@@ -437,7 +436,7 @@ MODEL_FLAGS_ADVICE = "check --model, --num-classes, --in-channels and --small-in
 
 def load_weights(model: nn.Module, path: str | Path, advice: str = MODEL_FLAGS_ADVICE) -> nn.Module:
     """Load a checkpoint into ``model`` in place, with a clear error on any mismatch (ending in ``advice``)."""
-    state = load_state_dict_file(path)
+    state = adapt_state(model, load_state_dict_file(path))  # torchvision's legacy names and auxiliary heads
     check_state_dict(model, state, source=str(path), advice=advice)
     check_finite(state, source=str(path))
     model.load_state_dict(_with_metadata(state, model), strict=True)
