@@ -12,7 +12,7 @@ from conftest import Images
 from torch import nn
 
 import labelless
-from labelless.compensate import _input_hessian, _patches, compensate, gptq_indices
+from labelless.compensate import _patches, compensate, gptq_indices, input_hessian
 from labelless.quantize import decode
 
 
@@ -91,12 +91,12 @@ def test_patches_times_the_flat_weight_is_the_convolution(conv):
     assert torch.allclose(rows @ conv.weight.reshape(5, -1).T, out.permute(0, 2, 3, 1).reshape(-1, 5), atol=1e-5)
 
 
-def test_input_hessian_is_that_of_the_inputs_the_layer_receives():
+def testinput_hessian_is_that_of_the_inputs_the_layer_receives():
     model = nn.Sequential(nn.Linear(6, 4), nn.ReLU(), nn.Linear(4, 3))
     x = torch.randn(50, 6)
     inputs = torch.relu(model[0](x)).double()
     with torch.no_grad():
-        hessian = _input_hessian(model, model[2], x, batch_size=16)
+        hessian = input_hessian(model, model[2], x, batch_size=16)
     assert hessian.shape == (1, 4, 4) and torch.allclose(hessian[0], 2 * inputs.T @ inputs / 50)
 
 
@@ -107,7 +107,7 @@ def test_a_grouped_convolution_gets_one_hessian_per_group_and_compensates_better
     calibration, held_out = (F.avg_pool2d(torch.einsum("nchw,cd->ndhw", torch.randn(256, 4, 8, 8), mixing), 3, 1)
                              for _ in range(2))
     with torch.no_grad():
-        hessian = _input_hessian(conv, conv, calibration, batch_size=64)
+        hessian = input_hessian(conv, conv, calibration, batch_size=64)
     rows = _patches(conv, calibration).reshape(-1, 2, 18).double()  # group g reads channels 2g, 2g+1
     assert hessian.shape == (2, 18, 18)
     assert torch.allclose(hessian[1], 2 * rows[:, 1].T @ rows[:, 1] / rows.shape[0])

@@ -112,6 +112,21 @@ def test_an_older_sweep_without_balanced_figures_still_searches_by_agreement_onl
     assert SearchSection(metric="balanced").metric == "balanced"  # labelless run takes it
 
 
+def test_a_compensated_sweep_measures_each_weight_as_compensation_ships_it(swept, tiny, digits, preprocess):
+    from labelless.compensate import compensate
+    from labelless.evaluate import kl_divergence
+
+    config = SweepConfig(clusters=(2, 4), batch_size=64, include_bias=False, compensate=True)
+    compensated = sweep(tiny, digits, preprocess, config=config)
+    teacher = predict(tiny, digits, preprocess).logits
+    for row in compensated.rows:  # every layer alone, quantized, then compensated as labelless run does it
+        q = labelless.quantize(tiny, labelless.Plan.from_choice({row.key: row.choice}))
+        compensate(q, tiny, digits, preprocess, n_images=len(digits), batch_size=64)
+        assert row.kl == pytest.approx(kl_divergence(teacher, predict(q, digits, preprocess).logits), rel=1e-3)
+    plain = {(r.key, r.k): r.kl for r in swept.rows}
+    assert sum(r.kl for r in compensated.rows) < sum(plain[r.key, r.k] for r in compensated.rows)
+
+
 def test_sweep_writes_table_json_and_plots(swept, folder):
     for name in ("sweep.csv", "sweep.json", "heatmap.png", "pareto.png"):
         assert (folder / name).stat().st_size > 0
@@ -129,7 +144,8 @@ def test_a_killed_sweep_resumes_and_reuses_finished_rows(tmp_path, folder, tiny,
     journal.write_text("\n".join(lines[: 1 + 2 * len(CLUSTERS)]) + '\n{"index": 3, "lay')  # killed mid-line
     calls = []
     real = sensitivity._sweep_layer
-    monkeypatch.setattr(sensitivity, "_sweep_layer", lambda ctx, sp, layer, jobs: calls.append(layer.name) or real(ctx, sp, layer, jobs))
+    monkeypatch.setattr(sensitivity, "_sweep_layer",
+                        lambda ctx, sp, layer, jobs, *rest: calls.append(layer.name) or real(ctx, sp, layer, jobs, *rest))
     again = sweep(tiny, digits, preprocess, config=SweepConfig(clusters=CLUSTERS, batch_size=64), out_dir=tmp_path / "sweep")
     assert "conv" not in calls and len(calls) == len(labelless.list_layers(tiny)) - 1
     assert [(r.layer, r.tensor, r.k, r.bytes) for r in again.rows] == [(r.layer, r.tensor, r.k, r.bytes) for r in swept.rows]

@@ -27,7 +27,7 @@ from .bncorrect import _sample
 from .progress import progress
 from .quantize import QuantizedTensor, group_of_channel, quantized_tensors
 
-__all__ = ["compensate", "gptq_indices"]
+__all__ = ["compensate", "gptq_indices", "solver", "assign_indices", "input_hessian", "compensable"]
 
 log = logging.getLogger(__name__)
 
@@ -71,7 +71,7 @@ def compensate(
     student.eval()
     try:
         for fqn, qt in progress(targets, desc="compensate", unit="layer"):
-            hessian = _input_hessian(student, qt.module, x, batch_size)
+            hessian = input_hessian(student, qt.module, x, batch_size)
             reference = original[fqn].weight.detach().to(device, torch.float32)
             qt.indices.copy_(gptq_indices(reference, qt, hessian, damp).to(qt.indices.dtype))
     finally:
@@ -86,13 +86,26 @@ def gptq_indices(weight: torch.Tensor, qt: QuantizedTensor, hessian: torch.Tenso
     ``hessian``: ``(C, C)`` over the flattened input of every output channel, or ``(G, C, C)``
     for a convolution in ``G`` groups (group ``g``'s output channels read its own inputs).
     """
+    return assign_indices(weight, qt.centroids, solver(hessian, damp))
+
+
+def solver(hessian: torch.Tensor, damp: float = 0.01) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(order, upper)``: one layer's column order (decreasing ``diag(H)``) and the factor of its
+    damped inverse Hessian, per group: computed once, used for every codebook of that layer."""
     hessian = hessian if hessian.dim() == 3 else hessian[None]
-    groups, n_cols = hessian.shape[0], hessian.shape[-1]
-    rows = weight.reshape(groups, -1, n_cols).float()  # (G, rows per group, C)
-    table = _row_codebooks(qt, weight.shape[0]).to(rows).reshape(groups, rows.shape[1], -1)
     order = torch.argsort(torch.diagonal(hessian, dim1=-2, dim2=-1), dim=-1, descending=True)  # (G, C)
-    g = torch.arange(groups)[:, None, None]
-    upper = _inverse_factor(hessian.float()[g, order[:, :, None], order[:, None, :]], damp)
+    g = torch.arange(hessian.shape[0])[:, None, None]
+    return order, _inverse_factor(hessian.float()[g, order[:, :, None], order[:, None, :]], damp)
+
+
+def assign_indices(weight: torch.Tensor, centroids: torch.Tensor, prepared: tuple[torch.Tensor, torch.Tensor]
+                   ) -> torch.Tensor:
+    """The GPTQ index of every value of ``weight`` into ``centroids`` ((k,), or (codebooks, k)),
+    with a layer's :func:`solver`."""
+    order, upper = prepared
+    groups, n_cols = upper.shape[0], upper.shape[-1]
+    rows = weight.reshape(groups, -1, n_cols).float()  # (G, rows per group, C)
+    table = _row_codebooks(centroids, weight.shape[0]).to(rows).reshape(groups, rows.shape[1], -1)
     spread = order[:, None, :].expand_as(rows)
     chosen = _assign(rows.gather(2, spread), table, upper)
     return torch.empty_like(chosen).scatter_(2, spread, chosen).view(weight.shape)
@@ -133,12 +146,18 @@ def _inverse_factor(hessian: torch.Tensor, damp: float) -> torch.Tensor:
     return torch.linalg.solve_triangular(lower, eye, upper=False).flip(-2, -1)
 
 
-def _row_codebooks(qt: QuantizedTensor, n_rows: int) -> torch.Tensor:
+def _row_codebooks(centroids: torch.Tensor, n_rows: int) -> torch.Tensor:
     """(rows, k): the codebook each output channel reads."""
-    centroids = qt.centroids.detach().float().cpu()
+    centroids = centroids.detach().float().cpu()
     if centroids.dim() == 1:
         return centroids.expand(n_rows, -1)
     return centroids[group_of_channel(n_rows, centroids.shape[0])]
+
+
+def compensable(module: nn.Module, max_columns: int = MAX_COLUMNS) -> bool:
+    """Whether :func:`compensate` re-chooses this layer's indices (a Linear or Conv2d that reads
+    at most ``max_columns`` inputs per output)."""
+    return _supported(module) and _columns(module) <= max_columns
 
 
 def _columns(module: nn.Module) -> int:
@@ -154,7 +173,7 @@ class _Seen(Exception):
     """Raised by the hook once the layer's input is recorded: the rest of the pass is not needed."""
 
 
-def _input_hessian(model: nn.Module, layer: nn.Module, x: torch.Tensor, batch_size: int) -> torch.Tensor:
+def input_hessian(model: nn.Module, layer: nn.Module, x: torch.Tensor, batch_size: int) -> torch.Tensor:
     """``2 X^T X / n`` of what ``layer`` reads (unfolded patches for a convolution), one per group
     of a grouped convolution: ``(G, C, C)``, float64 on the CPU."""
     found = {"sum": torch.zeros(()), "n": 0}

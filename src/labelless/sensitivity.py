@@ -62,6 +62,7 @@ class SweepConfig:
     batch_size: int = 256
     granularities: tuple[str, ...] = ("per_tensor",)  # codebook granularities tried for weights
     group_size: int = 1  # output channels per codebook when per_channel
+    compensate: bool = False  # weight variants' indices GPTQ-compensated on the sweep's images, as shipped
 
     def __post_init__(self) -> None:
         clusters = tuple(sorted(set(self.clusters)))
@@ -229,7 +230,8 @@ def _sweep_round(ctx: Reference, splitter: Splitter, layers: list[LayerInfo], co
                  done: set) -> list[SweepRow]:
     """Rank r sweeps ``layers[r]``; every rank gets all the round's rows, in rank order."""
     me = distributed.rank()
-    mine = _sweep_layer(ctx, splitter, layers[me], _jobs(ctx, layers[me], config, done)) if me < len(layers) else []
+    mine = (_sweep_layer(ctx, splitter, layers[me], _jobs(ctx, layers[me], config, done), config.compensate)
+            if me < len(layers) else [])
     if distributed.world_size() == 1:
         return mine
     return [row for part in distributed.gather_objects(_dicts(mine)) for row in _rows(part)]
@@ -285,11 +287,13 @@ def _jobs(ctx: Reference, layer: LayerInfo, config: SweepConfig, done: set) -> l
 
 
 @torch.no_grad()
-def _sweep_layer(ctx: Reference, splitter: Splitter, layer: LayerInfo, jobs: list[tuple[str, TensorChoice]]
-                 ) -> list[SweepRow]:
+def _sweep_layer(ctx: Reference, splitter: Splitter, layer: LayerInfo, jobs: list[tuple[str, TensorChoice]],
+                 compensate: bool = False) -> list[SweepRow]:
     module = ctx.modules[layer.name]
     key = f"{layer.name}." if layer.name else ""
-    variants = [variant(module, tensor, choice, scores_of(ctx, key + tensor)) for tensor, choice in jobs]
+    prepared = _solver(ctx, module) if compensate and any(t == "weight" for t, _ in jobs) else None
+    variants = [variant(module, tensor, choice, scores_of(ctx, key + tensor), prepared if tensor == "weight" else None)
+                for tensor, choice in jobs]
     prefix, suffix = splitter.split(layer.name)
     sets = [ctx.inputs] + ([ctx.labeled[0]] if ctx.labeled else [])
     outputs = [[[] for _ in sets] for _ in variants]
@@ -314,12 +318,27 @@ def scores_of(ctx: Reference, key: str) -> torch.Tensor | None:
     return None if ctx.importance is None else ctx.importance.get(key)
 
 
-def variant(module: nn.Module, tensor: str, choice: TensorChoice | int,
-            importance: torch.Tensor | None = None) -> tuple[str, TensorChoice, torch.Tensor, int]:
-    """(tensor, choice, the tensor quantized by that choice, centroids obtained)."""
+def _solver(ctx: Reference, module: nn.Module):
+    """GPTQ's solver of ``module`` on the sweep's images (the original model's inputs to it), or
+    None for a layer that compensation leaves at nearest-centroid indices."""
+    from .compensate import compensable, input_hessian, solver
+
+    if not compensable(module):
+        return None
+    return solver(input_hessian(ctx.model, module, torch.cat(ctx.inputs), len(ctx.inputs[0])))
+
+
+def variant(module: nn.Module, tensor: str, choice: TensorChoice | int, importance: torch.Tensor | None = None,
+            prepared: tuple | None = None) -> tuple[str, TensorChoice, torch.Tensor, int]:
+    """(tensor, choice, the tensor quantized by that choice, centroids obtained); with a layer's
+    GPTQ solver (``prepared``, :func:`labelless.compensate.solver`), the indices compensated."""
     param = getattr(module, tensor).detach()
     choice = TensorChoice.of(choice)
     centroids, indices = cluster_tensor(param, choice, importance)
+    if prepared is not None:
+        from .compensate import assign_indices
+
+        indices = assign_indices(param.cpu(), centroids, prepared).to(indices.dtype)
     dense = decode(centroids, indices).view(param.shape)
     return tensor, choice, dense.to(param.device, param.dtype), int(centroids.shape[-1])
 

@@ -39,6 +39,9 @@ def add_parser(subparsers) -> None:
                         help="codebook granularities to try for weights, e.g. per_tensor,per_channel "
                              "(default per_tensor)")
     parser.add_argument("--group-size", type=int, default=1, help="output channels per codebook with per_channel")
+    parser.add_argument("--compensate", action="store_true",
+                        help="measure each weight with GPTQ-compensated indices on the same images, as "
+                             "`quantize --compensate` and `labelless run` ship it")
     parser.add_argument("--importance", choices=["fisher", "none"], default="fisher",
                         help="weight the k-means by label-free Fisher importance on the unlabelled images "
                              "(default fisher)")
@@ -71,7 +74,7 @@ def run(args: argparse.Namespace) -> int:
     out = Path(args.output)
     check_device(args.device)  # every flag is checked before any work and before any file
     config = SweepConfig(clusters=args.clusters, include_bias=not args.no_bias, batch_size=args.batch_size,
-                         granularities=args.granularity, group_size=args.group_size)
+                         granularities=args.granularity, group_size=args.group_size, compensate=args.compensate)
     model = model_from_args(args)
     spec = model.labelless_spec
     unlabeled, labeled = open_data(args, spec)
