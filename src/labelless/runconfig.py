@@ -108,8 +108,8 @@ class SweepSection:
     importance: bool = option(True, 'weight the k-means by Fisher importance on the unlabelled images')
     importance_images: int = option(512, 'images the importance is averaged over')
     granularities: tuple[str, ...] = option(("per_tensor",), 'codebook granularities the sweep tries')
-    compensate: bool = option(False, 'measure each weight with GPTQ-compensated indices, as quantize.compensate '
-                                     'ships it, so the search\'s ladder prices tensors by what they lose compensated')
+    compensate: bool = option(False, 'measure each weight with GPTQ-compensated indices (measured worse on the demo: '
+                                     'layers compensated alone look cheaper than in a full plan; docs/SWEEP.md)')
 
     def __post_init__(self) -> None:
         self.config()  # clusters, batch size and granularities, checked where the sweep checks them
