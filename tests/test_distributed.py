@@ -154,6 +154,29 @@ def test_on_main_runs_rank_0_as_a_group_of_one_without_deadlock(tmp_path):
                                                                "rank 1: inside (1, True), after 2"]
 
 
+@pytest.mark.skipif(not __import__("pathlib").Path("/usr/share/datasets/fashion-mnist").is_dir(),
+                    reason="needs the Fashion-MNIST package")
+def test_labelless_run_under_torchrun_searches_on_rank_0_and_finishes_on_every_rank(tmp_path):
+    import yaml
+
+    config = {  # the smallest run whose search calibrates each plan and retrains one on rank 0 alone
+        "model": {"name": "resnet18", "image_size": 16},
+        "teacher": {"limit": 128, "train": {"epochs": 1, "batch_size": 64}},
+        "data": {"unlabeled_limit": 64, "test_limit": 64, "baseline": None},
+        "sweep": {"clusters": [1, 16], "limit": 32, "include_bias": False, "importance_images": 32},
+        "search": {"max_drop": 25.0, "smaller_by": None, "after_retraining": 1, "retrain_images": 64},
+        "quantize": {"compensate": False, "correct_bn": True, "images": 32},  # cheaper than compensating
+        "retrain": {"epochs": 1, "batch_size": 32, "holdout": 0.25, "min_holdout": 8, "refine_steps": 0},
+        "out": str(tmp_path / "out"),
+    }
+    (tmp_path / "tiny.yaml").write_text(yaml.safe_dump(config))
+    run = torchrun("run", "tiny.yaml", cwd=tmp_path)
+    assert run.returncode == 0, run.stderr[-3000:]
+    report = json.loads((tmp_path / "out" / "report.json").read_text())
+    assert report["search"]["retrained_drop"] is not None and report["retrained_labelfree"]["bytes"] > 0
+    assert not leftovers(tmp_path / "out")
+
+
 def test_without_torchrun_every_helper_is_a_no_op(tiny):
     assert not distributed.launched() and not distributed.active()
     assert (distributed.rank(), distributed.world_size(), distributed.is_main()) == (0, 1, True)

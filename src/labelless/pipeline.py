@@ -84,7 +84,9 @@ def run_pipeline(config: RunConfig) -> dict[str, Any]:
     run.report["original"] = _original(run, test, preprocess)
     importance = _stage(run, "importance", lambda r: _importance(r, preprocess))
     plan = _stage(run, "sweep and search", lambda r: _plan(r, preprocess, importance))
-    quantized = _stage(run, "quantize", lambda r: _quantized(r, plan, importance, preprocess))
+    # under torchrun every rank goes on with rank 0's indices (rank 0 may hold the model its search made)
+    quantized = _stage(run, "quantize", lambda r: distributed.broadcast_state(_quantized(r, plan, importance,
+                                                                                         preprocess)))
     run.report["quantized"] = _evaluate(run, quantized, test, preprocess, "quantized.lless")
     _stage(run, "label-free retraining", lambda r: _labelfree(r, quantized, test, preprocess))
     if config.runs_baseline:
@@ -245,7 +247,6 @@ def _quantize(run: _Run, plan, importance, preprocess) -> nn.Module:
             compensate(model, run.teacher, images, preprocess, **options)
         if cfg.correct_bn:
             correct_batchnorm(model, run.teacher, images, preprocess, **options)
-        distributed.broadcast_state(model)  # under torchrun every rank goes on with rank 0's indices
     return model
 
 
