@@ -94,7 +94,8 @@ def render(rows: list[dict]) -> str:
     first = rows[0]
     lines = [f"Teacher {first['teacher_accuracy']:.2f}% on {first['test_images']:,} test images; {first['machine']}, "
              f"{first['date']}; the compensated sweep took {first['compensated_sweep_seconds']:.0f} s.", "",
-             "| size target | plain sweep: bytes | drop (as shipped) | test % | compensated sweep: bytes | drop | test % |",
+             "| size target | plain sweep: bytes | drop (as shipped) | test % "
+             "| compensated sweep: bytes | drop | test % |",
              "|---|---:|---:|---:|---:|---:|---:|"]
     by = {(r["sweep"], r["target"]): r for r in rows}
     for target in sorted({r["target"] for r in rows}):

@@ -32,7 +32,8 @@ from .plan import Plan, TensorChoice
 from .quantize import quantized_tensors
 from .sensitivity import Reference, SweepResult, SweepRow, scores_of, variant
 
-__all__ = ["Metric", "LabelFreeMetric", "Candidate", "SearchResult", "search", "rescore", "ladder", "make_evaluator", "size_budget"]
+__all__ = ["Metric", "LabelFreeMetric", "Candidate", "SearchResult", "search", "rescore", "ladder", "make_evaluator",
+           "size_budget"]
 
 log = logging.getLogger(__name__)
 

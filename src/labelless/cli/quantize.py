@@ -49,7 +49,8 @@ def add_importance_args(parser: argparse.ArgumentParser) -> None:
 
 def add_storage_args(parser: argparse.ArgumentParser) -> None:
     group = parser.add_argument_group("storage")
-    group.add_argument("--entropy", choices=[e.value for e in Entropy], default="none", help="entropy-code the indices (lossless)")
+    group.add_argument("--entropy", choices=[e.value for e in Entropy], default="none",
+                       help="entropy-code the indices (lossless)")
     group.add_argument("--fp16-codebooks", action="store_true", help="store codebooks in fp16")
     group.add_argument("--fp16-dense", action="store_true", help="store non-quantized tensors in fp16")
 

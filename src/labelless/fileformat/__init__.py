@@ -42,5 +42,5 @@ from .loading import DEFAULT_MAX_PARAMS, load
 from .reading import LlessFile, read
 from .writing import Entropy, fp32_safetensors_bytes, layer_table, save
 
-__all__ = ["Entropy", "save", "load", "read", "inspect", "LlessFile", "FORMAT_VERSION", "READABLE_VERSIONS", "DEFAULT_MAX_PARAMS",
-           "fp32_safetensors_bytes", "layer_table"]
+__all__ = ["Entropy", "save", "load", "read", "inspect", "LlessFile", "FORMAT_VERSION", "READABLE_VERSIONS",
+           "DEFAULT_MAX_PARAMS", "fp32_safetensors_bytes", "layer_table"]
