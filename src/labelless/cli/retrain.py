@@ -58,8 +58,9 @@ def add_retrain_args(parser: argparse.ArgumentParser) -> None:
             group.add_argument(flag, action=argparse.BooleanOptionalAction, default=option.default,
                                help=f"{meta['help']} (default {'on' if option.default else 'off'})")
         else:
-            choices = list(kind) if issubclass(kind, Choice) else None  # a Choice parses its own strings
-            group.add_argument(flag, type=kind, default=option.default, choices=choices,
+            choice = issubclass(kind, Choice)  # its strings here; RetrainConfig makes them members
+            group.add_argument(flag, type=str if choice else kind, default=option.default,
+                               choices=[member.value for member in kind] if choice else None,
                                help=f"{meta['help']} (default {option.default})")
 
 
