@@ -627,6 +627,15 @@ def test_a_config_built_in_python_is_checked_as_one_read_from_yaml(tmp_path):
     assert not (tmp_path / "run").exists()  # refused before any work or file
 
 
+def test_errors_about_a_choice_name_its_values_as_plain_strings(capsys, tmp_path):
+    with pytest.raises(SystemExit):
+        main(["search", str(tmp_path), "--max-drop", "1", "--metric", "agreemnt", "-o", str(tmp_path / "p.yaml")])
+    assert "(choose from 'agreement', 'balanced', 'accuracy')" in capsys.readouterr().err
+    with pytest.raises(LabellessError, match=r"entropy must be one of \['none', 'ans'\], got 'zip'"):
+        labelless.save(torch.nn.Linear(2, 2), tmp_path / "m.lless", entropy="zip")
+    assert not list(tmp_path.iterdir())  # nothing written
+
+
 def test_argparse_errors_are_usage_plus_one_error_line(capsys):
     """Flags argparse rejects (a word for --clusters) exit 2 with its usage line and one error line."""
     with pytest.raises(SystemExit) as exit_info:

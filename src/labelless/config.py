@@ -14,7 +14,7 @@ import yaml
 from .errors import LabellessError
 from .io import check_input_file
 
-__all__ = ["Choice", "coerce_choices", "from_mapping", "to_mapping", "load_yaml", "option", "commented_yaml"]
+__all__ = ["Choice", "is_choice", "coerce_choices", "from_mapping", "to_mapping", "load_yaml", "option", "commented_yaml"]
 
 T = TypeVar("T")
 
@@ -26,6 +26,9 @@ class Choice(str, enum.Enum):
     def __str__(self) -> str:
         return self.value
 
+    def __repr__(self) -> str:  # in messages (argparse's "choose from", a list of valid values): the string
+        return repr(self.value)
+
     @classmethod
     def parse(cls, value: Any, where: str) -> "Choice":
         try:
@@ -35,13 +38,18 @@ class Choice(str, enum.Enum):
             raise LabellessError(f"{where} must be {', '.join(names[:-1])} or {names[-1]}, got {value!r}") from None
 
 
+def is_choice(hint: Any) -> bool:
+    """Whether a field's type hint is a :class:`Choice`."""
+    return isinstance(hint, type) and issubclass(hint, Choice)
+
+
 def coerce_choices(config: Any) -> None:
     """For a frozen dataclass's ``__post_init__``: every :class:`Choice` field given as a plain
     string (from Python) becomes its member, or fails with one line naming the valid values."""
     hints = typing.get_type_hints(type(config))
     for f in dataclasses.fields(config):
         hint = hints[f.name]
-        if isinstance(hint, type) and issubclass(hint, Choice):
+        if is_choice(hint):
             object.__setattr__(config, f.name, hint.parse(getattr(config, f.name), f.name))
 
 
@@ -108,7 +116,7 @@ def _convert(hint: Any, value: Any, where: str) -> Any:
 
 
 def _scalar(hint: Any, value: Any, where: str) -> Any:
-    if isinstance(hint, type) and issubclass(hint, Choice):
+    if is_choice(hint):
         return hint.parse(value, where)
     if hint is bool:
         if not isinstance(value, bool):

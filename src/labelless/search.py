@@ -46,11 +46,9 @@ class Metric(Choice):
     ACCURACY = "accuracy"
 
 
-class LabelFreeMetric(Choice):
-    """The metrics that read no label: those ``labelless run``'s search may use."""
-
-    AGREEMENT = "agreement"
-    BALANCED = "balanced"
+# the metrics that read no label: those labelless run's search may use
+LabelFreeMetric = Choice("LabelFreeMetric", {m.name: m.value for m in Metric if m is not Metric.ACCURACY},
+                         module=__name__)
 
 
 LABEL_FREE_METRICS = tuple(LabelFreeMetric)

@@ -31,6 +31,7 @@ import torch
 from torch import nn
 
 from . import distributed
+from .compensate import assign_indices, compensable, input_hessian, solver
 from .errors import LabellessError
 from .evaluate import accuracy, autocast, fidelity, warn_if_collapsed
 from .incremental import Splitter
@@ -321,8 +322,6 @@ def scores_of(ctx: Reference, key: str) -> torch.Tensor | None:
 def _solver(ctx: Reference, module: nn.Module):
     """GPTQ's solver of ``module`` on the sweep's images (the original model's inputs to it), or
     None for a layer that compensation leaves at nearest-centroid indices."""
-    from .compensate import compensable, input_hessian, solver
-
     if not compensable(module):
         return None
     return solver(input_hessian(ctx.model, module, torch.cat(ctx.inputs), len(ctx.inputs[0])))
@@ -336,8 +335,6 @@ def variant(module: nn.Module, tensor: str, choice: TensorChoice | int, importan
     choice = TensorChoice.of(choice)
     centroids, indices = cluster_tensor(param, choice, importance)
     if prepared is not None:
-        from .compensate import assign_indices
-
         indices = assign_indices(param.cpu(), centroids, prepared).to(indices.dtype)
     dense = decode(centroids, indices).view(param.shape)
     return tensor, choice, dense.to(param.device, param.dtype), int(centroids.shape[-1])

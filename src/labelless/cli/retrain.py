@@ -13,7 +13,7 @@ import typing
 from pathlib import Path
 
 from .. import distributed
-from ..config import Choice
+from ..config import is_choice
 from ..data import Preprocess, open_images
 from ..errors import LabellessError
 from ..evaluate import accuracy, predict
@@ -58,7 +58,7 @@ def add_retrain_args(parser: argparse.ArgumentParser) -> None:
             group.add_argument(flag, action=argparse.BooleanOptionalAction, default=option.default,
                                help=f"{meta['help']} (default {'on' if option.default else 'off'})")
         else:
-            choice = issubclass(kind, Choice)  # its strings here; RetrainConfig makes them members
+            choice = is_choice(kind)  # its strings here; RetrainConfig makes them members
             group.add_argument(flag, type=str if choice else kind, default=option.default,
                                choices=[member.value for member in kind] if choice else None,
                                help=f"{meta['help']} (default {option.default})")
