@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 
 import pytest
@@ -188,6 +189,19 @@ def test_print_config_is_a_complete_commented_config_that_reads_back(tmp_path, c
     resolved = RunConfig.from_data(yaml.safe_load(capsys.readouterr().out))
     assert resolved.search.smaller_by == 0.93 and resolved.out == str(tmp_path / "o")
     assert not (tmp_path / "o").exists()  # printing runs nothing
+
+
+def test_a_section_given_in_part_keeps_the_runs_defaults_for_the_rest():
+    from labelless.pipeline import RunConfig
+
+    default = RunConfig()
+    # the run's retraining refines 20 steps for 5 epochs and its teacher trains 4 epochs, unlike the
+    # sections' own class defaults: a partial section must not fall back to those
+    assert (default.retrain.refine_steps, default.teacher.train.epochs) != (0, 2)
+    config = RunConfig.from_data({"retrain": {"lr": 0.001}, "teacher": {"train": {"batch_size": 64}}})
+    assert config.retrain == dataclasses.replace(default.retrain, lr=0.001)
+    assert config.teacher.train == dataclasses.replace(default.teacher.train, batch_size=64)
+    assert config.model == default.model and config.sweep == default.sweep
 
 
 def test_train_without_image_size_trains_at_the_datas_own_size(tmp_path, caplog):

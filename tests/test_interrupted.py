@@ -97,7 +97,7 @@ def _run_argv(inputs: dict[str, Path]) -> Callable[[Path], list[str]]:
                      "baseline": "digits", "baseline_limit": 32},
             "sweep": {"clusters": [1, 4], "limit": 16, "batch_size": 16},
             "search": {"max_drop": 10.0, "smaller_by": None, "after_retraining": 0},
-            "retrain": {"epochs": 2, "batch_size": 16, "min_holdout": 1},  # 6 of 64 images held out
+            "retrain": {"epochs": 2, "batch_size": 16, "min_holdout": 1, "refine_steps": 0},  # 6 of 64 images held out
             "storage": {"entropy": "ans"},
             "device": "cpu",
             "out": str(out),

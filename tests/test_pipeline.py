@@ -15,7 +15,7 @@ TINY = {
     "data": {"unlabeled_limit": 128, "test_limit": 128, "baseline_limit": 128},
     "sweep": {"clusters": [1, 4, 16], "limit": 32},
     "search": {"max_drop": 25.0, "smaller_by": None, "after_retraining": 2, "retrain_images": 128},
-    "retrain": {"epochs": 1, "batch_size": 64, "min_holdout": 10},  # 13 of 128 images held out
+    "retrain": {"epochs": 1, "batch_size": 64, "min_holdout": 10, "refine_steps": 0},  # 13 of 128 images held out
 }
 
 
@@ -94,7 +94,7 @@ def test_run_without_labels_reads_none_and_reports_label_free_figures(tmp_path, 
         "sweep": {"clusters": [1, 16], "limit": 32, "importance": False},
         "search": {"max_drop": 25.0, "smaller_by": None, "after_retraining": 0},
         "quantize": {"compensate": False},
-        "retrain": {"epochs": 1, "batch_size": 32, "min_holdout": 10},
+        "retrain": {"epochs": 1, "batch_size": 32, "min_holdout": 10, "refine_steps": 0},
         "out": str(tmp_path / "out"),
     }
     (tmp_path / "nolabels.yaml").write_text(yaml.safe_dump(config))

@@ -78,8 +78,13 @@ def _yaml_lines(config: Any, depth: int) -> list[str]:
     return lines
 
 
-def from_mapping(cls: type[T], data: Any, where: str = "config") -> T:
-    """Build dataclass ``cls`` from a mapping; unknown keys and wrong types are errors."""
+def from_mapping(cls: type[T], data: Any, where: str = "config", base: T | None = None) -> T:
+    """Build dataclass ``cls`` from a mapping; unknown keys and wrong types are errors.
+
+    A field left out keeps its value in ``base`` (by default the class's own default). A
+    section given in part is merged the same way onto the section its field defaults to, so
+    ``retrain: {lr: 0.001}`` changes the learning rate of the run's retraining and nothing else
+    (not back to :class:`RetrainConfig`'s own defaults)."""
     if data is None:
         data = {}
     if not isinstance(data, dict):
@@ -89,22 +94,30 @@ def from_mapping(cls: type[T], data: Any, where: str = "config") -> T:
     if unknown:
         raise LabellessError(f"{where}: unknown field(s) {unknown}; valid: {sorted(fields)}")
     hints = typing.get_type_hints(cls)
-    values = {name: _convert(hints[name], value, f"{where}.{name}") for name, value in data.items()}
+    values = {name: _convert(hints[name], value, f"{where}.{name}", _default(fields[name], base))
+              for name, value in data.items()}
     try:
-        return cls(**values)
+        return dataclasses.replace(base, **values) if base is not None else cls(**values)
     except (TypeError, ValueError) as exc:  # LabellessError is a ValueError: say where it came from
         raise LabellessError(f"{where}: {exc}") from None
 
 
-def _convert(hint: Any, value: Any, where: str) -> Any:
+def _default(f: dataclasses.Field, base: Any) -> Any:
+    """What field ``f`` holds when the mapping leaves it out: its value in ``base``, else its default."""
+    if base is not None:
+        return getattr(base, f.name)
+    return f.default if f.default is not dataclasses.MISSING else None
+
+
+def _convert(hint: Any, value: Any, where: str, default: Any = None) -> Any:
     origin = typing.get_origin(hint)
     if dataclasses.is_dataclass(hint):
-        return from_mapping(hint, value, where)
+        return from_mapping(hint, value, where, default if isinstance(default, hint) else None)
     if origin in (typing.Union, types.UnionType):
         options = typing.get_args(hint)
         if value is None and type(None) in options:
             return None
-        return _convert(next(o for o in options if o is not type(None)), value, where)
+        return _convert(next(o for o in options if o is not type(None)), value, where, default)
     if origin is tuple:
         if isinstance(value, str):
             value = [v.strip() for v in value.split(",") if v.strip()]
