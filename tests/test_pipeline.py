@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 
 import pytest
@@ -60,6 +61,10 @@ def test_run_writes_model_report_sweep_and_config(tmp_path, capsys, caplog, monk
     again = json.loads((out / "report.json").read_text())
     assert (out / "plan.yaml").read_text() == plan and again["search"] == report["search"]
     assert again["quantized"]["accuracy"] == report["quantized"]["accuracy"]
+    # the run's sweep says what it measured: `labelless search` takes it for another budget, from elsewhere
+    monkeypatch.chdir(tmp_path.parent)
+    assert main(["search", str(out / "sweep"), "--smaller-by", "0.5", "-o", str(tmp_path / "half.yaml")]) == 0
+    assert (tmp_path / "half.yaml").is_file()
 
 
 def test_the_search_judges_plans_as_quantized_when_no_image_is_left_apart_from_the_sweeps(caplog):
@@ -168,3 +173,22 @@ def test_an_original_near_chance_on_data_test_is_named(caplog):
         assert not caplog.records
         pipeline._warn_if_chance(run, 18.4)  # a digits model scored on Fashion-MNIST, the default
     assert "scores 18.40% on data.test fashion-mnist (chance is 10.00%)" in caplog.records[0].getMessage()
+
+
+def test_a_run_given_weights_feeds_the_normalisation_stored_in_them(tmp_path):
+    import torch
+
+    from labelless import pipeline
+    from labelless.models import ModelSpec, build_model, save_checkpoint
+    from labelless.runconfig import ModelSection, RunConfig
+
+    spec = ModelSpec("resnet18", num_classes=10, in_channels=1, image_size=16, mean=(0.25,), std=(0.5,))
+    save_checkpoint(build_model(spec), tmp_path / "t.safetensors", spec)  # as `labelless train` and `run` write it
+    given = ModelSection(image_size=16, weights=str(tmp_path / "t.safetensors"))
+    run = pipeline._Run(RunConfig(model=given), tmp_path, torch.device("cpu"))
+    pipeline._teacher(run)
+    assert (run.spec.mean, run.spec.std) == ((0.25,), (0.5,))  # not ImageNet's, which it was never trained on
+    mine = pipeline._Run(RunConfig(model=dataclasses.replace(given, mean=(0.1,), std=(0.2,))), tmp_path,
+                         torch.device("cpu"))
+    pipeline._teacher(mine)
+    assert (mine.spec.mean, mine.spec.std) == ((0.1,), (0.2,))  # the config's own, when it gives them

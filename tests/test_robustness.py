@@ -180,7 +180,7 @@ FILE_CASES = {
     "search: sweep folder missing": (["search", "{tmp}/nosweep", "--max-drop", "1", "-o", "{out}/p.yaml"],
                                      ("does not exist", "labelless sweep")),
     "search: not a sweep folder": (["search", "{tmp}", "--max-drop", "1", "-o", "{out}/p.yaml"],
-                                   ("config.json", "labelless sweep")),
+                                   ("sweep.json", "labelless sweep")),
     "search: size target not a fraction": (["search", "{tmp}", "--smaller-by", "150%", "-o", "{out}/p.yaml"],
                                            ("--smaller-by", "fraction in [0, 1)")),
 }
@@ -207,7 +207,51 @@ def test_search_from_another_folder_finds_the_sweeps_relative_weights(capsys, wo
     out = tmp_path / "out"
     out.mkdir()
     fails_cleanly(capsys, ["search", str(work / "sw"), "--max-drop", "1", "-o", str(out / "p.yaml")], out,
-                  "w.safetensors", "named in", "config.json do not exist")
+                  "w.safetensors", "measured do not exist", "run the sweep again")
+
+
+def _swept(tmp_path: Path, ckpt: Path, images: Path) -> list[str]:
+    """A finished sweep of ``ckpt`` on the images of ``images`` (npz); the search command for it."""
+    assert main(["sweep", *MODEL, "--weights", str(ckpt), "--unlabeled", f"npz:{images}", "--limit", "8",
+                 "--clusters", "1,4", "--batch-size", "8", "--importance", "none", "-o", str(tmp_path / "sw")]) == 0
+    return ["search", str(tmp_path / "sw"), "--smaller-by", "50%", "-o", str(tmp_path / "out" / "p.yaml")]
+
+
+def _digit_images(path: Path, start: int) -> Path:
+    from sklearn.datasets import load_digits
+
+    np.savez(path, images=(load_digits().images[start:start + 8] * 16).astype(np.uint8))
+    return path
+
+
+def test_search_refuses_weights_changed_since_the_sweep(capsys, world, tmp_path):
+    ckpt = shutil.copy(world["ckpt"], tmp_path / "w.safetensors")
+    search = _swept(tmp_path, ckpt, _digit_images(tmp_path / "x.npz", 0))
+    (tmp_path / "out").mkdir()
+    assert main(search) == 0  # the same weights and images: searched
+    shutil.rmtree(tmp_path / "out")
+    (tmp_path / "out").mkdir()
+    state = safetensors.torch.load_file(ckpt)
+    state["classifier.1.bias"] += 1.0  # retrained since, same file name
+    safetensors.torch.save_file(state, ckpt)
+    fails_cleanly(capsys, search, tmp_path / "out", "w.safetensors", "differ from those the sweep", "run the sweep again")
+
+
+def test_search_refuses_images_changed_since_the_sweep(capsys, world, tmp_path):
+    images = _digit_images(tmp_path / "x.npz", 0)
+    search = _swept(tmp_path, world["ckpt"], images)
+    (tmp_path / "out").mkdir()
+    _digit_images(images, 100)  # other images under the same spec
+    fails_cleanly(capsys, search, tmp_path / "out", "images read now are not those the sweep", "run the sweep again")
+
+
+def test_search_refuses_a_sweep_without_provenance(capsys, world, tmp_path):
+    search = _swept(tmp_path, world["ckpt"], _digit_images(tmp_path / "x.npz", 0))
+    (tmp_path / "out").mkdir()
+    data = json.loads((tmp_path / "sw" / "sweep.json").read_text())
+    del data["provenance"]  # as an older labelless wrote it
+    (tmp_path / "sw" / "sweep.json").write_text(json.dumps(data))
+    fails_cleanly(capsys, search, tmp_path / "out", "sweep.json does not say what it measured", "run the sweep again")
 
 
 def test_cut_sweep_json_fails_cleanly(capsys, world, out, tmp_path):

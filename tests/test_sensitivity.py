@@ -61,6 +61,19 @@ def test_sweep_has_a_row_per_layer_tensor_and_k(swept, tiny):
         assert 0 <= row.agreement <= 100 and row.kl >= 0 and row.n_clusters <= row.k
 
 
+def test_sweep_records_what_it_measured_for_a_later_search(folder, swept, tiny, digits, preprocess):
+    import safetensors.torch
+
+    from labelless.models import state_digest
+
+    assert swept.provenance["weights_digest"] == state_digest(tiny)  # the weights it measured, unchanged after
+    saved = SweepResult.from_dir(folder)
+    assert saved.provenance == swept.provenance and saved.context is None
+    outputs = safetensors.torch.load_file(str(folder / "outputs.safetensors"))["logits"]
+    assert torch.equal(outputs, swept.context.teacher)
+    assert torch.allclose(outputs, predict(tiny, digits, preprocess).logits, atol=1e-5)  # the original's, on its images
+
+
 def test_sweep_sizes_are_real_file_sizes(tmp_path, swept, tiny):
     row = next(r for r in swept.rows if r.layer == "fc1" and r.tensor == "weight" and r.k == 4)
     q = labelless.quantize(tiny, [{"layers": "fc1", "weights": 4}])

@@ -196,9 +196,11 @@ def test_search_refuses_a_sweep_of_a_custom_model_unless_it_is_named(nets, tmp_p
     import json
 
     (tmp_path / "sw").mkdir()
-    config = {"model": f"{nets}:Net", "num_classes": 10, "in_channels": 1, "small_input": False, "image_size": 12,
-              "weights": None, "unlabeled": "digits", "labeled": None, "limit": 8, "seed": 0, "batch_size": 8}
-    (tmp_path / "sw" / "config.json").write_text(json.dumps(config))
+    data = {"weights": None, "unlabeled": "digits", "labeled": None, "limit": 8, "seed": 0, "batch_size": 8,
+            "skip_unreadable": False}
+    model = {"name": f"{nets}:Net", "num_classes": 10, "in_channels": 1, "image_size": 12}
+    sweep = {"reference": {"fp32_bytes": 10}, "rows": [], "provenance": {"model": model, "data": data}}
+    (tmp_path / "sw" / "sweep.json").write_text(json.dumps(sweep))
     assert main(["search", "sw", "--max-drop", "1", "-o", "p.yaml"]) == 2
     assert f"give --model {nets}:Net" in capsys.readouterr().err
     assert not (tmp_path / "imported").exists()

@@ -299,6 +299,12 @@ def is_weights_name(value: str) -> bool:
     return bool(_WEIGHTS_NAME.fullmatch(str(value))) and not Path(value).exists()
 
 
+def absolute_weights(value: str | None) -> str | None:
+    """A weights file's path made absolute (so another folder's command finds it); a torchvision
+    weights name, or none, as it is."""
+    return value if not value or is_weights_name(value) else str(Path(value).expanduser().absolute())
+
+
 def weights_file(path: str | Path) -> Path:
     """The file a weights argument names: itself, ``model.safetensors`` (or the like) in a folder,
     or a torchvision weights name's file in the local torch hub cache."""
@@ -381,6 +387,27 @@ def stored_normalisation(path: str | Path) -> tuple[tuple[float, ...], tuple[flo
     except Exception:  # noqa: BLE001 - unreadable or foreign metadata: as if there were none
         return None
     return (mean, std) if mean and std else None
+
+
+def normalisation_for(weights: str | Path | None, mean: tuple[float, ...], std: tuple[float, ...],
+                      given: str = "--mean/--std") -> tuple[tuple[float, ...], tuple[float, ...]]:
+    """The normalisation a model of ``weights`` is fed: ``mean``/``std`` when given (``given``
+    names where, for the messages), else the one stored in the checkpoint, so a teacher never
+    sees images normalised otherwise than in its training; empty when neither says (ImageNet's)."""
+    stored = stored_normalisation(weights) if weights else None
+    if stored is None:
+        if weights and not mean and not std:
+            log.warning("%s stores no normalisation and no %s was given: images are normalised with ImageNet's "
+                        "mean and std; give %s as in training (a checkpoint `labelless train` writes as "
+                        ".safetensors stores them)", weights, given, given)
+        return tuple(mean), tuple(std)
+    if not mean and not std:
+        log.info("normalisation stored in %s: mean %s, std %s", weights, list(stored[0]), list(stored[1]))
+        return stored
+    if (tuple(mean), tuple(std)) != stored:
+        log.warning("%s differ from the normalisation stored in %s (mean %s, std %s): using yours",
+                    given, weights, list(stored[0]), list(stored[1]))
+    return tuple(mean), tuple(std)
 
 
 def _read_safetensors(path: Path) -> dict[str, torch.Tensor]:

@@ -25,20 +25,29 @@ from . import distributed
 from .bncorrect import correct_batchnorm
 from .compensate import compensate
 from .config import to_mapping
+from .data import absolute_spec
 from .errors import DataError
 from .evaluate import accuracy, agreement, kl_divergence, predict, resolve_device
 from .fileformat import save
 from .importance import fisher_importance
 from .io import atomic_write_json, atomic_write_text
-from .models import ModelSpec, build_model, load_weights, save_checkpoint, state_digest
+from .models import (
+    ModelSpec,
+    absolute_weights,
+    build_model,
+    load_weights,
+    normalisation_for,
+    save_checkpoint,
+    state_digest,
+)
 from .plan import Plan, load_plan
 from .quantize import quantize
 from .refine import refine_images
 from .report import plot_search
 from .retrain import CrossEntropy, retrain
-from .runconfig import ModelSection, RunConfig
+from .runconfig import RunConfig
 from .search import make_evaluator, rescore, search
-from .sensitivity import prepare_reference, sweep
+from .sensitivity import sweep
 from .train import train_classifier
 
 __all__ = ["RunConfig", "run_pipeline"]
@@ -117,19 +126,14 @@ def _open(spec_text: str, split: str, labeled: bool, spec: ModelSpec, limit: int
 def _teacher(run: _Run) -> None:
     section = run.config.model
     if section.weights:
-        run.spec = _spec(section, section.mean, section.std)
+        run.spec = section.spec(*normalisation_for(section.weights, section.mean, section.std, "model.mean/std"))
         advice = "check the config's model section (name, num_classes, in_channels, small_input)"
         run.teacher = load_weights(build_model(run.spec), section.weights, advice=advice).to(run.device).eval()
         return
-    train = _open(run.config.teacher.data, "train", True, _spec(section, (), ()), run.config.teacher.limit, run.config.seed)
+    train = _open(run.config.teacher.data, "train", True, section.spec(), run.config.teacher.limit, run.config.seed)
     mean, std = _channel_stats(train.images)
-    run.spec = _spec(section, section.mean or mean, section.std or std)
+    run.spec = section.spec(section.mean or mean, section.std or std)
     run.teacher = _cached_teacher(run, train)
-
-
-def _spec(section: ModelSection, mean, std) -> ModelSpec:
-    return ModelSpec(section.name, num_classes=section.num_classes, in_channels=section.in_channels,
-                     small_input=section.small_input, image_size=section.image_size, mean=tuple(mean), std=tuple(std))
 
 
 def _channel_stats(images: torch.Tensor) -> tuple[tuple[float, ...], tuple[float, ...]]:
@@ -261,11 +265,20 @@ def _plan(run: _Run, preprocess, importance):
                 "teacher": state_digest(run.teacher)[:16],
                 "importance": cfg.importance_images if importance is not None else None}
     result = sweep(run.teacher, unlabeled, preprocess, config=sweep_config, out_dir=run.out / "sweep",
-                   identity=identity, device=run.device, importance=importance)
+                   identity=identity, device=run.device, importance=importance, data=_sweep_data(run))
     identity = dict(identity, sweep=to_mapping(cfg), search=to_mapping(run.config.search),
                     quantize=to_mapping(run.config.quantize), retrain=to_mapping(run.config.retrain))
-    return distributed.on_main(lambda: _cached_search(run, identity) or _search(run, result, unlabeled, preprocess,
+    return distributed.on_main(lambda: _cached_search(run, identity) or _search(run, result, preprocess,
                                                                               importance, identity))  # the others wait
+
+
+def _sweep_data(run: _Run) -> dict[str, Any]:
+    """Where the sweep's images come from (its provenance): ``labelless search runs/x/sweep``
+    measures other budgets on the same teacher and images."""
+    cfg = run.config
+    weights = absolute_weights(cfg.model.weights or str(run.out / "teacher.safetensors"))
+    return {"weights": weights, "unlabeled": absolute_spec(cfg.data.unlabeled), "labeled": None,
+            "limit": cfg.sweep.limit, "seed": cfg.seed, "skip_unreadable": False, "batch_size": cfg.sweep.batch_size}
 
 
 def _cached_search(run: _Run, identity: dict[str, Any]):
@@ -285,11 +298,9 @@ def _cached_search(run: _Run, identity: dict[str, Any]):
     return load_plan(plan_file)
 
 
-def _search(run: _Run, result, unlabeled, preprocess, importance, identity: dict[str, Any]):
+def _search(run: _Run, result, preprocess, importance, identity: dict[str, Any]):
     """Measure plans on the sweep's images (rank 0 alone) and write plan.yaml and search.json."""
-    section, cfg = run.config.search, run.config.sweep
-    reference = prepare_reference(run.teacher, unlabeled, preprocess, None, cfg.batch_size, run.device)
-    reference.importance = importance
+    section, reference = run.config.search, result.context  # the sweep's images and the teacher's outputs on them
     found = search(result, make_evaluator(reference, section.metric, _builder(run, importance, preprocess)),
                    max_drop=section.max_drop, metric=section.metric, max_bytes=section.max_bytes,
                    smaller_by=section.smaller_by)

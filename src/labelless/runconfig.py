@@ -9,7 +9,7 @@ datasets, device, output folder) by :meth:`RunConfig.check`, before any work.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any
 
@@ -63,6 +63,12 @@ class ModelSection:
     mean: tuple[float, ...] = option((), 'per-channel normalisation mean it was trained with (empty: stored in the weights, else ImageNet)')
     std: tuple[float, ...] = option((), 'per-channel standard deviation of that normalisation')
 
+    def spec(self, mean: tuple[float, ...] = (), std: tuple[float, ...] = ()) -> ModelSpec:
+        """The :class:`ModelSpec` of this section (every field but ``weights`` is one of its), fed
+        ``mean``/``std`` (empty: ImageNet's)."""
+        shared = {f.name: getattr(self, f.name) for f in fields(self) if f.name not in ("weights", "mean", "std")}
+        return ModelSpec(**shared, mean=tuple(mean), std=tuple(std))
+
 
 @dataclass(frozen=True)
 class TeacherSection:
@@ -100,26 +106,23 @@ class DataSection:
 
 
 @dataclass(frozen=True)
-class SweepSection:
-    clusters: tuple[int, ...] = option((1, 2, 4, 8, 16, 32), 'values of k tried for every tensor')
+class SweepSection(SweepConfig):
+    """The sweep's own settings (:class:`SweepConfig`, embedded) and the run's images for it."""
+
+    clusters: tuple[int, ...] = option((1, 2, 4, 8, 16, 32), 'values of k tried for every tensor (the run '
+                                                             'stops at 32, the command at 256)')
     limit: int = option(256, 'unlabelled images the sweep and search measure on')
-    batch_size: int = option(256, 'images per batch of the sweep')
-    include_bias: bool = option(True, "also sweep each layer's bias as a tensor of its own")
     importance: bool = option(True, 'weight the k-means by Fisher importance on the unlabelled images')
     importance_images: int = option(512, 'images the importance is averaged over')
-    granularities: tuple[str, ...] = option(("per_tensor",), 'codebook granularities the sweep tries')
-    compensate: bool = option(False, 'measure each weight with GPTQ-compensated indices (measured worse on the demo: '
-                                     'layers compensated alone look cheaper than in a full plan; docs/SWEEP.md)')
 
     def __post_init__(self) -> None:
-        self.config()  # clusters, batch size and granularities, checked where the sweep checks them
+        super().__post_init__()  # clusters, batch size and granularities, checked where the sweep checks them
         _at_least_one("sweep.limit", self.limit)
         _at_least_one("sweep.importance_images", self.importance_images)
 
     def config(self) -> SweepConfig:
-        """The :class:`SweepConfig` this section describes."""
-        return SweepConfig(clusters=self.clusters, include_bias=self.include_bias, batch_size=self.batch_size,
-                           granularities=self.granularities, compensate=self.compensate)
+        """The plain :class:`SweepConfig` in this section (what the sweep's journal is keyed on)."""
+        return SweepConfig(**{f.name: getattr(self, f.name) for f in fields(SweepConfig)})
 
 
 @dataclass(frozen=True)
@@ -228,9 +231,7 @@ class RunConfig:
 
 
 def _check_model(section: ModelSection) -> ModelSpec:
-    spec = ModelSpec(section.name, num_classes=section.num_classes, in_channels=section.in_channels,
-                     small_input=section.small_input, image_size=section.image_size, mean=section.mean,
-                     std=section.std)
+    spec = section.spec(section.mean, section.std)
     check_input_size(spec)
     if section.weights:
         check_input_file(weights_file(section.weights), "model.weights file")

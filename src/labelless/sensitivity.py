@@ -30,8 +30,9 @@ import numpy as np
 import torch
 from torch import nn
 
-from . import distributed
+from . import distributed, provenance
 from .compensate import assign_indices, compensable, input_hessian, solver
+from .config import option
 from .errors import LabellessError
 from .evaluate import accuracy, autocast, fidelity, warn_if_collapsed
 from .incremental import Splitter
@@ -58,12 +59,15 @@ MAX_SWEEP_CLUSTERS = 1 << 16
 class SweepConfig:
     """What the sweep tries and on how many images."""
 
-    clusters: tuple[int, ...] = DEFAULT_CLUSTERS  # k values tried for every tensor
-    include_bias: bool = True  # also sweep each layer's bias as a row of its own
-    batch_size: int = 256
-    granularities: tuple[str, ...] = ("per_tensor",)  # codebook granularities tried for weights
-    group_size: int = 1  # output channels per codebook when per_channel
-    compensate: bool = False  # weight variants' indices GPTQ-compensated on the sweep's images, as shipped
+    clusters: tuple[int, ...] = option(DEFAULT_CLUSTERS, 'values of k tried for every tensor')
+    include_bias: bool = option(True, "also sweep each layer's bias as a tensor of its own")
+    batch_size: int = option(256, 'images per batch of the sweep')
+    granularities: tuple[str, ...] = option(("per_tensor",), 'codebook granularities tried for weights: per_tensor, '
+                                                             'per_channel')
+    group_size: int = option(1, 'output channels per codebook when per_channel')
+    compensate: bool = option(False, "measure each weight with GPTQ-compensated indices on the sweep's images "
+                                     "(measured worse on the demo: layers compensated alone look cheaper than in a "
+                                     "full plan; docs/SWEEP.md)")
 
     def __post_init__(self) -> None:
         clusters = tuple(sorted(set(self.clusters)))
@@ -128,11 +132,14 @@ class SweepResult:
     rows: list[SweepRow]
     reference: dict[str, Any]  # the original model: bytes, accuracy, images used
     summary: dict[str, Any] = field(default_factory=dict)
+    provenance: dict[str, Any] = field(default_factory=dict)  # model, weights digest, data (labelless.provenance)
+    context: Reference | None = field(default=None, repr=False, compare=False)  # in-process: what it measured on
 
     def to_dict(self) -> dict[str, Any]:
         return {
             "reference": self.reference,
             "summary": self.summary,
+            "provenance": self.provenance,
             "rows": [dataclasses.asdict(r) for r in self.rows],
         }
 
@@ -142,7 +149,8 @@ class SweepResult:
         if not path.is_file():
             raise LabellessError(f"{folder} holds no finished sweep (no sweep.json): run `labelless sweep -o {folder}` first")
         data = json.loads(path.read_text())
-        return cls([SweepRow(**row) for row in data["rows"]], data["reference"], data.get("summary", {}))
+        return cls([SweepRow(**row) for row in data["rows"]], data["reference"], data.get("summary", {}),
+                   data.get("provenance", {}))
 
 
 @dataclass
@@ -188,12 +196,16 @@ def sweep(
     identity: dict[str, Any] | None = None,
     device: torch.device | None = None,
     importance: dict[str, torch.Tensor] | None = None,
+    data: dict[str, Any] | None = None,
 ) -> SweepResult:
     """Sweep every tensor of ``model`` at every k in ``config.clusters`` (and every
     granularity in ``config.granularities``), clustering under ``importance`` when given.
 
     ``identity`` (anything JSON, e.g. the CLI arguments) decides whether rows already in
-    ``out_dir`` belong to this sweep and can be reused.
+    ``out_dir`` belong to this sweep and can be reused. ``data`` says where the images came
+    from (JSON: dataset specs, limit, seed); with the model's spec and weights' digest it is the
+    result's provenance, from which ``labelless search`` rebuilds them. The result's ``context``
+    holds the images and outputs measured on, for a search in the same process.
 
     Example:
         >>> result = sweep(model, open_images("mnist", size=32), Preprocess.for_spec(spec), out_dir="sweep")
@@ -203,6 +215,7 @@ def sweep(
     device = device or next(model.parameters()).device
     ctx = prepare_reference(model.to(device).eval(), unlabeled, preprocess, labeled, config.batch_size, device)
     ctx.importance = importance
+    origin = provenance.record(model, data)
     splitter = Splitter(model)
     layers = list_layers(model)
     main = distributed.is_main()
@@ -214,7 +227,7 @@ def sweep(
         new = _sweep_round(ctx, splitter, layers_now, config, done)
         journal.append(new)
         rows.extend(new)
-    result = _finish(ctx, rows, layers, len(unlabeled))
+    result = dataclasses.replace(_finish(ctx, rows, layers, len(unlabeled)), provenance=origin, context=ctx)
     if out_dir is not None and main:
         write_sweep(result, Path(out_dir))
     return result
@@ -450,6 +463,8 @@ def write_sweep(result: SweepResult, folder: Path) -> None:
     """``sweep.json``, ``sweep.csv`` and the plots, each written atomically."""
     folder.mkdir(parents=True, exist_ok=True)
     atomic_write_json(folder / "sweep.json", result.to_dict())
+    if result.context is not None:
+        provenance.save_outputs(result.context.teacher, folder)
     atomic_write_text(folder / "sweep.csv", _csv(result.rows))
     from .report import plot_sweep
 

@@ -11,10 +11,10 @@ from typing import Any
 
 from torch import nn
 
-from ..data import SPEC_FORMS
+from ..data import SPEC_FORMS, absolute_spec
 from ..errors import LabellessError
 from ..io import atomic_write_json
-from ..models import ModelSpec, build_model, check_input_size, is_weights_name, load_weights, stored_normalisation
+from ..models import ModelSpec, absolute_weights, build_model, check_input_size, load_weights, normalisation_for
 
 log = logging.getLogger(__name__)
 
@@ -126,21 +126,7 @@ def model_spec(args: argparse.Namespace) -> ModelSpec:
 
 
 def _normalisation(args: argparse.Namespace) -> tuple[tuple[float, ...], tuple[float, ...]]:
-    weights = getattr(args, "weights", None)
-    stored = stored_normalisation(weights) if weights else None
-    if stored is None:
-        if weights and not args.mean and not args.std:
-            log.warning("%s stores no normalisation and no --mean/--std was given: images are normalised with "
-                        "ImageNet's mean and std; give --mean/--std as in training (a checkpoint `labelless train` "
-                        "writes as .safetensors stores them)", weights)
-        return args.mean, args.std
-    if not args.mean and not args.std:
-        log.info("normalisation stored in %s: mean %s, std %s", weights, list(stored[0]), list(stored[1]))
-        return stored
-    if (tuple(args.mean), tuple(args.std)) != stored:
-        log.warning("--mean/--std differ from the normalisation stored in %s (mean %s, std %s): using yours",
-                    weights, list(stored[0]), list(stored[1]))
-    return args.mean, args.std
+    return normalisation_for(getattr(args, "weights", None), args.mean, args.std)
 
 
 def model_from_args(args: argparse.Namespace) -> nn.Module:
@@ -159,7 +145,6 @@ def write_config(path: str | Path, args: argparse.Namespace, **extra: Any) -> No
 
 
 _PATH_KEYS = ("weights", "plan")
-_PATH_SPECS = ("images:", "imagefolder:", "npz:")
 
 
 def _absolute(key: str, value: Any) -> Any:
@@ -167,11 +152,8 @@ def _absolute(key: str, value: Any) -> Any:
     if not isinstance(value, str) or not value:
         return value
     if key in _PATH_KEYS:
-        return value if is_weights_name(value) else str(Path(value).expanduser().absolute())
-    for prefix in _PATH_SPECS:
-        if value.startswith(prefix):
-            return prefix + str(Path(value[len(prefix):]).expanduser().absolute())
-    return value
+        return absolute_weights(value)
+    return absolute_spec(value)
 
 
 def print_json(data: Any) -> None:

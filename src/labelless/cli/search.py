@@ -7,17 +7,18 @@ import json
 from pathlib import Path
 from typing import Any
 
+from .. import provenance
 from ..data import Preprocess
 from ..errors import LabellessError
 from ..evaluate import check_device, resolve_device
 from ..importance import load_importance
 from ..io import atomic_write_json, check_output_dir
-from ..models import is_weights_name
+from ..models import ModelSpec, build_model, check_input_size, is_weights_name, load_weights
 from ..report import format_table, plot_search
 from ..search import METRICS, check_metric, make_evaluator, search
 from ..sensitivity import SweepResult, prepare_reference
 from ..zoo import model_source
-from .common import add_custom_arg, add_device_arg, fraction, model_from_args
+from .common import add_custom_arg, add_device_arg, fraction
 from .sweep import IMPORTANCE_FILE, open_data
 
 
@@ -46,18 +47,19 @@ def run(args: argparse.Namespace) -> int:
         raise LabellessError(f"-o {args.output!r}: a plan file ends in .yaml, .yml or .json")
     check_device(args.device)
     args.smaller_by = fraction(args.smaller_by, "--smaller-by") if args.smaller_by is not None else None
-    folder = Path(args.sweep_dir)
-    sweep_args = _sweep_args(folder, args.custom)
+    folder = _sweep_folder(args.sweep_dir)
     _read_json(folder / "sweep.json", "no finished sweep")  # a clear error for a cut or edited file
     result = SweepResult.from_dir(folder)
+    origin = _provenance(result, folder, args.custom)
     check_metric(result.rows, args.metric, result.reference)
-    model = model_from_args(sweep_args)
-    spec = model.labelless_spec
-    unlabeled, labeled = open_data(sweep_args, spec)
+    model, spec = _swept_model(origin, folder)
+    unlabeled, labeled = open_data(origin["data"], spec)
     if args.metric == "accuracy" and labeled is None:
         raise LabellessError("--metric accuracy needs a sweep run with --eval data; use --metric agreement")
     device = resolve_device(args.device)
-    reference = prepare_reference(model.to(device), unlabeled, Preprocess.for_spec(spec), labeled, sweep_args.batch_size, device)
+    reference = prepare_reference(model.to(device), unlabeled, Preprocess.for_spec(spec), labeled,
+                                  origin["data"]["batch_size"], device)
+    provenance.check_outputs(folder, reference.teacher)
     reference.importance = load_importance(folder / IMPORTANCE_FILE)  # what the sweep clustered with
     found = search(result, make_evaluator(reference, args.metric), max_drop=args.max_drop, max_bytes=args.max_bytes,
                    metric=args.metric, smaller_by=args.smaller_by)
@@ -86,28 +88,45 @@ def _size_text(args: argparse.Namespace) -> str:
     return ", ".join(p for p in parts if p) or "no size budget"
 
 
-_SWEEP_ARGS = ("model", "num_classes", "in_channels", "small_input", "image_size", "weights", "unlabeled", "labeled",
-               "limit", "seed", "batch_size")
+_DATA_KEYS = ("weights", "unlabeled", "labeled", "limit", "seed", "skip_unreadable", "batch_size")
 
 
-def _sweep_args(folder: Path, custom: str | None) -> argparse.Namespace:
-    """The flags the sweep in ``folder`` ran with (its ``config.json``)."""
+def _sweep_folder(text: str) -> Path:
+    folder = Path(text)
     if not folder.is_dir():
-        raise LabellessError(f"sweep folder {str(folder)!r} does not exist or is not a folder: "
+        raise LabellessError(f"sweep folder {text!r} does not exist or is not a folder: "
                              f"give the -o folder of a `labelless sweep`")
-    data = _read_json(folder / "config.json", "no config.json")
-    missing = [key for key in _SWEEP_ARGS if key not in data] if isinstance(data, dict) else ["all"]
-    if missing:
-        raise LabellessError(f"{folder}/config.json lacks {missing}: it was not written by `labelless sweep`; "
-                             f"run the sweep again")
-    if data["weights"] and not (is_weights_name(data["weights"]) or Path(data["weights"]).exists()):
-        raise LabellessError(f"the weights {data['weights']!r} named in {folder}/config.json do not exist: "
+    return folder
+
+
+def _provenance(result: SweepResult, folder: Path, custom: str | None) -> dict[str, Any]:
+    """What the sweep in ``folder`` measured (its model, weights and images), checked before any
+    is read: a custom model is imported only when named, and the weights must still be there."""
+    origin = result.provenance
+    data = origin.get("data") if isinstance(origin, dict) else None
+    if not isinstance(data, dict) or not isinstance(origin.get("model"), dict) or set(_DATA_KEYS) - set(data):
+        raise LabellessError(f"{folder}/sweep.json does not say what it measured (no provenance: written by an "
+                             f"older labelless or not by `labelless sweep`): run the sweep again")
+    name = origin["model"].get("name")
+    if model_source(str(name)) == "custom" and custom != name:
+        raise LabellessError(f"the sweep in {folder} is of the custom model {name}: labelless imports no "
+                             f"code a file names; give --model {name} to search it")
+    weights = data["weights"]
+    if weights and not (is_weights_name(weights) or Path(weights).exists()):
+        raise LabellessError(f"the weights {weights!r} the sweep in {folder} measured do not exist: "
                              f"put them back, or run the sweep again with --weights")
-    data["mean"], data["std"] = tuple(data.get("mean") or ()), tuple(data.get("std") or ())
-    if model_source(data["model"]) == "custom" and custom != data["model"]:
-        raise LabellessError(f"the sweep in {folder} is of the custom model {data['model']}: labelless imports no "
-                             f"code a file names; give --model {data['model']} to search it")
-    return argparse.Namespace(**data)
+    return origin
+
+
+def _swept_model(origin: dict[str, Any], folder: Path):
+    """The model the sweep measured, rebuilt from its provenance; one line if its weights changed."""
+    spec = ModelSpec.from_dict(origin["model"])
+    check_input_size(spec)
+    model = build_model(spec)
+    if origin["data"]["weights"]:
+        load_weights(model, origin["data"]["weights"])
+    provenance.check_weights(origin, model, folder)
+    return model.eval(), spec
 
 
 def _read_json(path: Path, lacking: str) -> Any:

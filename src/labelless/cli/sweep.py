@@ -10,10 +10,10 @@ import os
 from pathlib import Path
 
 from .. import distributed
-from ..data import Preprocess, open_images
+from ..data import Preprocess, absolute_spec, open_images
 from ..evaluate import check_device
 from ..importance import DEFAULT_IMAGES, fisher_importance, save_importance
-from ..models import weights_file
+from ..models import absolute_weights, weights_file
 from ..plan import GRANULARITIES
 from ..sensitivity import DEFAULT_CLUSTERS, SweepConfig, sweep
 from .common import (
@@ -60,13 +60,23 @@ def add_data_args(parser: argparse.ArgumentParser) -> None:
     add_skip_unreadable(parser)
 
 
-def open_data(args: argparse.Namespace, spec):
-    size, channels = spec.image_size, spec.in_channels
-    unlabeled = open_images(args.unlabeled, split="train", size=size, channels=channels, limit=args.limit, seed=args.seed,
-                            skip_unreadable=getattr(args, "skip_unreadable", False))  # an older sweep's config lacks it
+def data_record(args: argparse.Namespace) -> dict:
+    """Where the sweep's images (and the weights measured) come from: part of its provenance,
+    from which ``labelless search`` opens the same images, paths absolute."""
+    return {"weights": absolute_weights(args.weights), "unlabeled": absolute_spec(args.unlabeled),
+            "labeled": absolute_spec(args.labeled) if args.labeled else None, "limit": args.limit, "seed": args.seed,
+            "skip_unreadable": args.skip_unreadable, "batch_size": args.batch_size}
+
+
+def open_data(data: dict, spec):
+    """The unlabelled (and the optional labelled) images a :func:`data_record` names."""
+    size, channels, limit, seed = spec.image_size, spec.in_channels, data["limit"], data["seed"]
+    unlabeled = open_images(data["unlabeled"], split="train", size=size, channels=channels, limit=limit, seed=seed,
+                            skip_unreadable=data["skip_unreadable"])
     labeled = None
-    if args.labeled:
-        labeled = open_images(args.labeled, split="test", labeled=True, size=size, channels=channels, limit=args.limit, seed=args.seed)
+    if data["labeled"]:
+        labeled = open_images(data["labeled"], split="test", labeled=True, size=size, channels=channels, limit=limit,
+                              seed=seed)
     return unlabeled.unlabeled(), labeled
 
 
@@ -77,7 +87,8 @@ def run(args: argparse.Namespace) -> int:
                          granularities=args.granularity, group_size=args.group_size, compensate=args.compensate)
     model = model_from_args(args)
     spec = model.labelless_spec
-    unlabeled, labeled = open_data(args, spec)
+    record = data_record(args)
+    unlabeled, labeled = open_data(record, spec)
     if distributed.is_main():
         out.mkdir(parents=True, exist_ok=True)
     weights = os.stat(weights_file(args.weights))
@@ -89,7 +100,7 @@ def run(args: argparse.Namespace) -> int:
     device = distributed.device(args.device)
     importance = _importance(model, unlabeled, spec, args, device, out)
     result = sweep(model, unlabeled, Preprocess.for_spec(spec), labeled=labeled, config=config,
-                   out_dir=out, identity=_plain(identity), device=device, importance=importance)
+                   out_dir=out, identity=_plain(identity), device=device, importance=importance, data=record)
     bias = result.summary.get("biases_at_1")
     print(f"swept {len({r.layer for r in result.rows})} layers x {len(args.clusters)} values of k: "
           f"{len(result.rows)} rows -> {out / 'sweep.csv'}")

@@ -19,7 +19,7 @@ from .folders import IMAGE_SUFFIXES
 from .imageset import DatasetImages, ImageSet, batch_source
 from .loader import loader
 from .preprocess import Preprocess
-from .spec import SPEC_FORMS, check_spec, describe, open_images
+from .spec import SPEC_FORMS, absolute_spec, check_spec, describe, open_images
 
-__all__ = ["ImageSet", "DatasetImages", "batch_source", "Preprocess", "open_images", "check_spec", "loader", "describe", "SPEC_FORMS",
+__all__ = ["ImageSet", "DatasetImages", "batch_source", "Preprocess", "open_images", "check_spec", "loader", "describe", "SPEC_FORMS", "absolute_spec",
            "IMAGE_SUFFIXES"]

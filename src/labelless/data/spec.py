@@ -123,6 +123,15 @@ _NAMED = {"fashion-mnist": "fashion-mnist", "fashion_mnist": "fashion-mnist", "f
 _PATH_KINDS = ("imagefolder", "images", "npz")
 
 
+def absolute_spec(spec: str) -> str:
+    """``spec`` with the path of a folder or file spec made absolute (``npz:x.npz`` ->
+    ``npz:/here/x.npz``), so a later command run from another folder reads the same images."""
+    kind, colon, rest = spec.strip().partition(":")
+    if colon and kind.lower() in _PATH_KINDS and rest.strip():
+        return f"{kind}:{Path(rest.strip()).expanduser().absolute()}"
+    return spec
+
+
 def _parse(spec: str) -> tuple[str, Path | None]:
     """``"npz:~/x.npz"`` -> ``("npz", Path("/home/me/x.npz"))``; ``"mnist"`` -> ``("mnist", None)``."""
     if not isinstance(spec, str):
