@@ -79,6 +79,27 @@ def test_ans_coding_is_smaller_and_reports_the_packed_size(tmp_path, quantized):
     assert coded["packed_total_bytes"] == pytest.approx(packed["total_bytes"], rel=0.01)
 
 
+def test_ans_codes_a_tensor_only_where_it_is_smaller_so_the_sizer_bounds_every_file(tmp_path):
+    from torch import nn
+
+    from labelless.sizing import FileSizer
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(256, 256), nn.ReLU(), nn.Linear(256, 8))
+    with torch.no_grad():
+        model[0].weight.mul_(torch.rand(256, 256).pow(6))  # most weights near 0: skewed indices, ANS pays
+        model[2].weight.copy_(torch.arange(2048.0).reshape(8, 256))  # every value its own: uniform indices
+    plan = [{"layers": "1", "weights": 16}, {"layers": "2", "weights": 256}]
+    q = quantize(model, plan)
+    report = save(q, tmp_path / "a.lless", entropy="ans")
+    codings = {k: e["coding"] for k, e in labelless.read(tmp_path / "a.lless").header["tensors"].items()
+               if e["kind"] == "quantized"}
+    # 256 uniform values cost 8 bits packed; their ANS stream plus 256 int64 counts would cost more
+    assert codings == {"0.weight": "ans", "2.weight": "packed"}
+    bound = FileSizer(model).size({"0.weight": 16, "2.weight": 256}, plan=labelless.Plan.from_data(plan).to_data())
+    assert report["total_bytes"] < bound == save(q, tmp_path / "p.lless")["total_bytes"]
+
+
 def test_header_records_architecture_plan_and_version(tmp_path, quantized, spec):
     save(quantized, tmp_path / "m.lless")
     header = labelless.read(tmp_path / "m.lless").header

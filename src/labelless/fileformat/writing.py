@@ -104,19 +104,34 @@ def _encode_state(model: nn.Module, codebook_dtype: str, dense_dtype: str, entro
     return tensors, entries, aliases
 
 
+# The bytes a tensor's counts add to the safetensors header (its name, dtype, shape, offsets) and
+# the alignment padding, over-estimated: an ANS-coded tensor is kept only if it is smaller by
+# more, so a file never exceeds the bit-packed size FileSizer gives a size budget.
+_COUNTS_ENTRY_BYTES = 96
+
+
+def _ans_if_smaller(key: str, indices: np.ndarray, k: int, bits: int) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """ANS-coded indices and their counts, or None where bit-packing is no larger: an unused
+    centroid cannot be coded, and a small or near-uniform tensor gains less than its counts cost."""
+    counts = np.bincount(indices, minlength=k).astype(np.int64)
+    if (counts == 0).any():
+        return None
+    data = coding.ans_encode(indices, counts)
+    extra = counts.nbytes + len(layout.counts_name(key)) + _COUNTS_ENTRY_BYTES
+    if data.nbytes + extra >= coding.packed_size(indices.size, bits):
+        return None
+    return torch.from_numpy(data), torch.from_numpy(counts)
+
+
 def _encode_quantized(key: str, qt, codebook_dtype: str, entropy: str, tensors: dict) -> dict:
     k = qt.n_clusters
     bits = coding.index_bits(k)
     indices = qt.indices.detach().cpu().numpy().reshape(-1)
     tensors[layout.codebook_name(key)] = qt.centroids.detach().cpu().to(DTYPES[codebook_dtype]).contiguous()
-    use_ans = entropy == Entropy.ANS and k > 1
+    coded = _ans_if_smaller(key, indices, k, bits) if entropy == Entropy.ANS and k > 1 else None
+    use_ans = coded is not None
     if use_ans:
-        counts = np.bincount(indices, minlength=k).astype(np.int64)
-        if (counts == 0).any():  # an unused centroid cannot be coded; it costs nothing to pack
-            use_ans = False
-    if use_ans:
-        tensors[layout.indices_name(key)] = torch.from_numpy(coding.ans_encode(indices, counts))
-        tensors[layout.counts_name(key)] = torch.from_numpy(counts)
+        tensors[layout.indices_name(key)], tensors[layout.counts_name(key)] = coded
     elif bits:
         tensors[layout.indices_name(key)] = torch.from_numpy(coding.pack(indices, bits))
     return layout.quantized_entry(list(qt.indices.shape), k, bits, "ans" if use_ans else "packed", codebook_dtype,
