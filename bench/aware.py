@@ -41,7 +41,7 @@ import torch
 import yaml
 
 import labelless
-from labelless.compensate import compensate
+from labelless.calibrate import calibrated_model
 from labelless.config import from_mapping
 from labelless.data import Preprocess, open_images
 from labelless.evaluate import accuracy, predict
@@ -162,10 +162,9 @@ def _measure_plan(s: Setup, rung, evaluate, test) -> dict:
     start = time.perf_counter()
     _, drop_before, before = evaluate(rung.choice)
     config, data = s.config, s.config.data
-    model = labelless.quantize(s.teacher, rung.plan(), importance=s.importance)
-    if config.quantize.compensate:
-        compensate(model, s.teacher, s.images(data.unlabeled, config.quantize.images).unlabeled(), s.preprocess,
-                   n_images=config.quantize.images, seed=config.seed)
+    model = calibrated_model(s.teacher, rung.plan(), s.images(data.unlabeled, config.quantize.images).unlabeled(),
+                             s.preprocess, importance=s.importance, compensate=config.quantize.compensate,
+                             correct_bn=config.quantize.correct_bn, n_images=config.quantize.images, seed=config.seed)
     short = labelless.retrain(copy.deepcopy(model), s.teacher,
                               s.retraining_images(config.search.retrain_images, after=config.sweep.limit), s.preprocess,
                               config=s.retrain_config(epochs=config.search.retrain_epochs))

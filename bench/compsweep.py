@@ -25,7 +25,7 @@ from pathlib import Path
 from aware import _accuracy, _machine, setup  # bench/aware.py: the run folder's teacher, data and reference
 
 import labelless
-from labelless.compensate import compensate
+from labelless.calibrate import calibrated_model
 from labelless.io import atomic_write_json
 from labelless.search import make_evaluator, search
 from labelless.sensitivity import sweep
@@ -66,10 +66,9 @@ def measure(run: Path, out: Path) -> None:
     def build(choice):
         key = json.dumps(labelless.Plan.from_choice(choice).to_data(), sort_keys=True)
         if key not in shipped:
-            model = labelless.quantize(s.teacher, labelless.Plan.from_choice(choice), importance=s.importance)
-            compensate(model, s.teacher, calibration, s.preprocess, n_images=s.config.quantize.images,
-                       seed=s.config.seed)
-            shipped[key] = model
+            shipped[key] = calibrated_model(s.teacher, labelless.Plan.from_choice(choice), calibration, s.preprocess,
+                                            importance=s.importance, compensate=True,
+                                            n_images=s.config.quantize.images, seed=s.config.seed)
         return shipped[key]
 
     evaluate = make_evaluator(s.reference, "agreement", build)

@@ -23,13 +23,14 @@ TINY = {
 @pytest.mark.skipif(not __import__("pathlib").Path("/usr/share/datasets/fashion-mnist").is_dir(),
                     reason="needs the Fashion-MNIST package")
 def test_run_writes_model_report_sweep_and_config(tmp_path, capsys, caplog, monkeypatch):
-    from labelless import pipeline
+    from labelless import calibrate
 
     config = tmp_path / "tiny.yaml"
     config.write_text(yaml.safe_dump(dict(TINY, out=str(tmp_path / "out"))))
     compensated = []
-    real_compensate = pipeline.compensate
-    monkeypatch.setattr(pipeline, "compensate", lambda *a, **k: compensated.append(1) or real_compensate(*a, **k))
+    real_compensate = calibrate.compensate_indices
+    monkeypatch.setattr(calibrate, "compensate_indices",
+                        lambda *a, **k: compensated.append(1) or real_compensate(*a, **k))
     assert main(["run", str(config)]) == 0
     out = tmp_path / "out"
     for name in ("model.lless", "quantized.lless", "baseline.lless", "report.md", "report.json", "config.yaml",
@@ -61,7 +62,10 @@ def test_run_writes_model_report_sweep_and_config(tmp_path, capsys, caplog, monk
     again = json.loads((out / "report.json").read_text())
     assert (out / "plan.yaml").read_text() == plan and again["search"] == report["search"]
     assert again["quantized"]["accuracy"] == report["quantized"]["accuracy"]
-    # the run's sweep says what it measured: `labelless search` takes it for another budget, from elsewhere
+    # the run's sweep says what it measured: `labelless search` takes it for another budget, from elsewhere,
+    # clustering with the importance the run's sweep was weighted by
+    assert json.loads((out / "sweep" / "sweep.json").read_text())["provenance"]["importance"]
+    assert (out / "sweep" / "importance.safetensors").is_file()
     monkeypatch.chdir(tmp_path.parent)
     assert main(["search", str(out / "sweep"), "--smaller-by", "0.5", "-o", str(tmp_path / "half.yaml")]) == 0
     assert (tmp_path / "half.yaml").is_file()

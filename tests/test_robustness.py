@@ -207,13 +207,14 @@ def test_search_from_another_folder_finds_the_sweeps_relative_weights(capsys, wo
     out = tmp_path / "out"
     out.mkdir()
     fails_cleanly(capsys, ["search", str(work / "sw"), "--max-drop", "1", "-o", str(out / "p.yaml")], out,
-                  "w.safetensors", "measured do not exist", "run the sweep again")
+                  "w.safetensors", "measured do not exist", "run the same `labelless sweep` again")
 
 
-def _swept(tmp_path: Path, ckpt: Path, images: Path) -> list[str]:
+def _swept(tmp_path: Path, ckpt: Path, images: Path, importance: str = "none") -> list[str]:
     """A finished sweep of ``ckpt`` on the images of ``images`` (npz); the search command for it."""
     assert main(["sweep", *MODEL, "--weights", str(ckpt), "--unlabeled", f"npz:{images}", "--limit", "8",
-                 "--clusters", "1,4", "--batch-size", "8", "--importance", "none", "-o", str(tmp_path / "sw")]) == 0
+                 "--clusters", "1,4", "--batch-size", "8", "--importance", importance, "--importance-images", "8",
+                 "-o", str(tmp_path / "sw")]) == 0
     return ["search", str(tmp_path / "sw"), "--smaller-by", "50%", "-o", str(tmp_path / "out" / "p.yaml")]
 
 
@@ -234,7 +235,8 @@ def test_search_refuses_weights_changed_since_the_sweep(capsys, world, tmp_path)
     state = safetensors.torch.load_file(ckpt)
     state["classifier.1.bias"] += 1.0  # retrained since, same file name
     safetensors.torch.save_file(state, ckpt)
-    fails_cleanly(capsys, search, tmp_path / "out", "w.safetensors", "differ from those the sweep", "run the sweep again")
+    fails_cleanly(capsys, search, tmp_path / "out", "w.safetensors", "differ from those the sweep",
+                  "run the same `labelless sweep` again")
 
 
 def test_search_refuses_images_changed_since_the_sweep(capsys, world, tmp_path):
@@ -242,7 +244,24 @@ def test_search_refuses_images_changed_since_the_sweep(capsys, world, tmp_path):
     search = _swept(tmp_path, world["ckpt"], images)
     (tmp_path / "out").mkdir()
     _digit_images(images, 100)  # other images under the same spec
-    fails_cleanly(capsys, search, tmp_path / "out", "images read now are not those the sweep", "run the sweep again")
+    fails_cleanly(capsys, search, tmp_path / "out", "images read now are not those the sweep",
+                  "run the same `labelless sweep` again")
+
+
+def test_search_refuses_a_sweep_whose_importance_is_gone(capsys, world, tmp_path):
+    search = _swept(tmp_path, world["ckpt"], _digit_images(tmp_path / "x.npz", 0), importance="fisher")
+    (tmp_path / "out").mkdir()
+    (tmp_path / "sw" / "importance.safetensors").unlink()
+    fails_cleanly(capsys, search, tmp_path / "out", "lacks importance.safetensors", "clustered with")
+
+
+def test_search_refuses_a_hand_edited_provenance_in_one_line(capsys, world, tmp_path):
+    search = _swept(tmp_path, world["ckpt"], _digit_images(tmp_path / "x.npz", 0))
+    (tmp_path / "out").mkdir()
+    data = json.loads((tmp_path / "sw" / "sweep.json").read_text())
+    data["provenance"]["data"]["weights"] = 5
+    (tmp_path / "sw" / "sweep.json").write_text(json.dumps(data))
+    fails_cleanly(capsys, search, tmp_path / "out", "provenance field 'weights' must be a weights file", "got 5")
 
 
 def test_search_refuses_a_sweep_without_provenance(capsys, world, tmp_path):
@@ -251,7 +270,8 @@ def test_search_refuses_a_sweep_without_provenance(capsys, world, tmp_path):
     data = json.loads((tmp_path / "sw" / "sweep.json").read_text())
     del data["provenance"]  # as an older labelless wrote it
     (tmp_path / "sw" / "sweep.json").write_text(json.dumps(data))
-    fails_cleanly(capsys, search, tmp_path / "out", "sweep.json does not say what it measured", "run the sweep again")
+    fails_cleanly(capsys, search, tmp_path / "out", "sweep.json does not say what it measured",
+                  "reuses its finished rows")
 
 
 def test_cut_sweep_json_fails_cleanly(capsys, world, out, tmp_path):

@@ -197,7 +197,7 @@ def test_search_refuses_a_sweep_of_a_custom_model_unless_it_is_named(nets, tmp_p
 
     (tmp_path / "sw").mkdir()
     data = {"weights": None, "unlabeled": "digits", "labeled": None, "limit": 8, "seed": 0, "batch_size": 8,
-            "skip_unreadable": False}
+            "skip_unreadable": False, "by": "labelless sweep"}
     model = {"name": f"{nets}:Net", "num_classes": 10, "in_channels": 1, "image_size": 12}
     sweep = {"reference": {"fp32_bytes": 10}, "rows": [], "provenance": {"model": model, "data": data}}
     (tmp_path / "sw" / "sweep.json").write_text(json.dumps(sweep))

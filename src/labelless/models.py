@@ -401,9 +401,9 @@ def normalisation_for(weights: str | Path | None, mean: tuple[float, ...], std: 
                         "mean and std; give %s as in training (a checkpoint `labelless train` writes as "
                         ".safetensors stores them)", weights, given, given)
         return tuple(mean), tuple(std)
-    if not mean and not std:
+    if not mean or not std:  # the half not given is the checkpoint's, not ImageNet's
         log.info("normalisation stored in %s: mean %s, std %s", weights, list(stored[0]), list(stored[1]))
-        return stored
+        mean, std = tuple(mean) or stored[0], tuple(std) or stored[1]
     if (tuple(mean), tuple(std)) != stored:
         log.warning("%s differ from the normalisation stored in %s (mean %s, std %s): using yours",
                     given, weights, list(stored[0]), list(stored[1]))

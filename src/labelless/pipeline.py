@@ -21,9 +21,8 @@ import torch
 import yaml
 from torch import nn
 
-from . import distributed
-from .bncorrect import correct_batchnorm
-from .compensate import compensate
+from . import distributed, provenance
+from .calibrate import calibrated_model
 from .config import to_mapping
 from .data import absolute_spec
 from .errors import DataError
@@ -41,7 +40,6 @@ from .models import (
     state_digest,
 )
 from .plan import Plan, load_plan
-from .quantize import quantize
 from .refine import refine_images
 from .report import plot_search
 from .retrain import CrossEntropy, retrain
@@ -242,16 +240,12 @@ def _plan_key(plan) -> str:
 
 
 def _quantize(run: _Run, plan, importance, preprocess) -> nn.Module:
-    model = quantize(run.teacher, plan, importance=importance)
     cfg = run.config.quantize
+    images = None
     if cfg.compensate or cfg.correct_bn:
         images = _open(run.config.data.unlabeled, "train", False, run.spec, cfg.images, run.config.seed).unlabeled()
-        options = dict(n_images=cfg.images, seed=run.config.seed, device=run.device)
-        if cfg.compensate:
-            compensate(model, run.teacher, images, preprocess, **options)
-        if cfg.correct_bn:
-            correct_batchnorm(model, run.teacher, images, preprocess, **options)
-    return model
+    return calibrated_model(run.teacher, plan, images, preprocess, importance=importance, compensate=cfg.compensate,
+                            correct_bn=cfg.correct_bn, n_images=cfg.images, seed=run.config.seed, device=run.device)
 
 
 def _plan(run: _Run, preprocess, importance):
@@ -277,8 +271,9 @@ def _sweep_data(run: _Run) -> dict[str, Any]:
     measures other budgets on the same teacher and images."""
     cfg = run.config
     weights = absolute_weights(cfg.model.weights or str(run.out / "teacher.safetensors"))
-    return {"weights": weights, "unlabeled": absolute_spec(cfg.data.unlabeled), "labeled": None,
-            "limit": cfg.sweep.limit, "seed": cfg.seed, "skip_unreadable": False, "batch_size": cfg.sweep.batch_size}
+    return provenance.data_record(weights=weights, unlabeled=absolute_spec(cfg.data.unlabeled), labeled=None,
+                                  limit=cfg.sweep.limit, seed=cfg.seed, skip_unreadable=False,
+                                  batch_size=cfg.sweep.batch_size, by="labelless run")
 
 
 def _cached_search(run: _Run, identity: dict[str, Any]):

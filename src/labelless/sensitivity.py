@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import csv
 import dataclasses
+import hashlib
 import json
 import logging
 import os
@@ -35,9 +36,11 @@ from .compensate import assign_indices, compensable, input_hessian, solver
 from .config import option
 from .errors import LabellessError
 from .evaluate import accuracy, autocast, fidelity, warn_if_collapsed
+from .importance import save_importance
 from .incremental import Splitter
 from .io import atomic_write_json, atomic_write_text
 from .layers import LayerInfo, list_layers
+from .models import tensor_bytes
 from .plan import GRANULARITIES, Plan, TensorChoice
 from .progress import progress
 from .quantize import cluster_tensor, decode
@@ -166,6 +169,7 @@ class Reference:
     device: torch.device
     sizer: FileSizer
     importance: dict[str, torch.Tensor] | None = None  # label-free weights of the k-means
+    images_digest: str = ""  # sha256 of the unlabelled images' uint8 pixels, as read (provenance)
 
     def run(self, batches: list[torch.Tensor], model: nn.Module | None = None) -> torch.Tensor:
         """Logits of ``model`` (by default the original, as the sweep has modified it) on ``batches``."""
@@ -215,7 +219,7 @@ def sweep(
     device = device or next(model.parameters()).device
     ctx = prepare_reference(model.to(device).eval(), unlabeled, preprocess, labeled, config.batch_size, device)
     ctx.importance = importance
-    origin = provenance.record(model, data)
+    origin = provenance.record(model, ctx.images_digest, data, importance is not None)
     splitter = Splitter(model)
     layers = list_layers(model)
     main = distributed.is_main()
@@ -274,8 +278,9 @@ def prepare_reference(
         for item in loader(dataset, batch_size):
             yield item if isinstance(item, (list, tuple)) else (item,)
 
+    digest = hashlib.sha256()
     with torch.no_grad():
-        inputs = [preprocess(b[0].to(device)) for b in batches(unlabeled)]
+        inputs = [preprocess(_digested(b[0], digest).to(device)) for b in batches(unlabeled)]
         teacher = torch.cat([_run(model, x, device) for x in inputs])
         lab = None
         if labeled is not None:
@@ -285,7 +290,17 @@ def prepare_reference(
         raise LabellessError("the unlabelled set is empty: give it some images")
     warn_if_collapsed(teacher, "the sweep's unlabelled images")
     spec = getattr(model, "labelless_spec", None)
-    return Reference(model, dict(model.named_modules()), inputs, teacher, lab, spec, device, FileSizer(model, spec))
+    return Reference(model, dict(model.named_modules()), inputs, teacher, lab, spec, device, FileSizer(model, spec),
+                     images_digest=digest.hexdigest())
+
+
+def _digested(batch: torch.Tensor, digest) -> torch.Tensor:
+    """``batch`` (as read: uint8 pixels on the CPU), its images' type, shape and bytes added to
+    ``digest``: the same images in other batches give the same digest."""
+    for image in batch:
+        digest.update(f"{image.dtype}{tuple(image.shape)}".encode())
+        digest.update(tensor_bytes(image))
+    return batch
 
 
 def _run(model: nn.Module, x: torch.Tensor, device: torch.device) -> torch.Tensor:
@@ -462,9 +477,13 @@ def _parse(line: str) -> Any:
 def write_sweep(result: SweepResult, folder: Path) -> None:
     """``sweep.json``, ``sweep.csv`` and the plots, each written atomically."""
     folder.mkdir(parents=True, exist_ok=True)
+    if result.context is not None:  # the importance a later search clusters with, before the finished sweep.json
+        path = folder / provenance.IMPORTANCE_FILE
+        if result.context.importance is not None:
+            save_importance(result.context.importance, path)
+        else:
+            path.unlink(missing_ok=True)  # a search must not use an earlier sweep's
     atomic_write_json(folder / "sweep.json", result.to_dict())
-    if result.context is not None:
-        provenance.save_outputs(result.context.teacher, folder)
     atomic_write_text(folder / "sweep.csv", _csv(result.rows))
     from .report import plot_sweep
 

@@ -138,7 +138,7 @@ def model_from_args(args: argparse.Namespace) -> nn.Module:
 
 def write_config(path: str | Path, args: argparse.Namespace, **extra: Any) -> None:
     """The resolved configuration of a command, next to its outputs; paths made absolute, so
-    a later command run from another folder (``search`` reads a sweep's) finds the same files."""
+    the same command can be run again from another folder."""
     data = {k: _absolute(k, list(v) if isinstance(v, tuple) else v) for k, v in vars(args).items() if k != "run"}
     data.update(extra)
     atomic_write_json(path, data)

@@ -5,15 +5,13 @@ from __future__ import annotations
 import argparse
 import logging
 
-from ..bncorrect import correct_batchnorm
-from ..compensate import compensate
+from ..calibrate import calibrated_model
 from ..data import Preprocess, check_spec, open_images
 from ..errors import LabellessError
 from ..fileformat import Entropy, save
 from ..importance import DEFAULT_IMAGES, fisher_importance
 from ..io import check_output_dir
 from ..plan import load_plan
-from ..quantize import quantize
 from ..report import inspect_table
 from .common import add_model_args, add_skip_unreadable, add_unlabeled_arg, model_from_args
 
@@ -84,12 +82,8 @@ def run(args: argparse.Namespace) -> int:
     preprocess = Preprocess.for_spec(model.labelless_spec)
     importance = None if images is None else fisher_importance(model, images, preprocess, n_images=args.limit,
                                                                seed=args.seed)
-    calibrated = args.compensate or args.correct_bn  # these need the original model next to the quantized one
-    quantized = quantize(model, plan, importance=importance, inplace=not calibrated)
-    if args.compensate:
-        compensate(quantized, model, images, preprocess, n_images=args.limit, seed=args.seed)
-    if args.correct_bn:
-        correct_batchnorm(quantized, model, images, preprocess, n_images=args.limit, seed=args.seed)
+    quantized = calibrated_model(model, plan, images, preprocess, importance=importance, compensate=args.compensate,
+                                 correct_bn=args.correct_bn, n_images=args.limit, seed=args.seed, inplace=True)
     report = save(quantized, args.output, **storage_kwargs(args))
     print(inspect_table(report))
     log.info("wrote %s", args.output)

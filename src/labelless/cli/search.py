@@ -19,7 +19,7 @@ from ..search import METRICS, check_metric, make_evaluator, search
 from ..sensitivity import SweepResult, prepare_reference
 from ..zoo import model_source
 from .common import add_custom_arg, add_device_arg, fraction
-from .sweep import IMPORTANCE_FILE, open_data
+from .sweep import open_data
 
 
 def add_parser(subparsers) -> None:
@@ -51,6 +51,7 @@ def run(args: argparse.Namespace) -> int:
     _read_json(folder / "sweep.json", "no finished sweep")  # a clear error for a cut or edited file
     result = SweepResult.from_dir(folder)
     origin = _provenance(result, folder, args.custom)
+    importance = _importance(origin, folder)
     check_metric(result.rows, args.metric, result.reference)
     model, spec = _swept_model(origin, folder)
     unlabeled, labeled = open_data(origin["data"], spec)
@@ -59,8 +60,8 @@ def run(args: argparse.Namespace) -> int:
     device = resolve_device(args.device)
     reference = prepare_reference(model.to(device), unlabeled, Preprocess.for_spec(spec), labeled,
                                   origin["data"]["batch_size"], device)
-    provenance.check_outputs(folder, reference.teacher)
-    reference.importance = load_importance(folder / IMPORTANCE_FILE)  # what the sweep clustered with
+    provenance.check_images(origin, reference.images_digest, folder)
+    reference.importance = importance  # what the sweep clustered with
     found = search(result, make_evaluator(reference, args.metric), max_drop=args.max_drop, max_bytes=args.max_bytes,
                    metric=args.metric, smaller_by=args.smaller_by)
     best = found.best
@@ -88,9 +89,6 @@ def _size_text(args: argparse.Namespace) -> str:
     return ", ".join(p for p in parts if p) or "no size budget"
 
 
-_DATA_KEYS = ("weights", "unlabeled", "labeled", "limit", "seed", "skip_unreadable", "batch_size")
-
-
 def _sweep_folder(text: str) -> Path:
     folder = Path(text)
     if not folder.is_dir():
@@ -102,20 +100,27 @@ def _sweep_folder(text: str) -> Path:
 def _provenance(result: SweepResult, folder: Path, custom: str | None) -> dict[str, Any]:
     """What the sweep in ``folder`` measured (its model, weights and images), checked before any
     is read: a custom model is imported only when named, and the weights must still be there."""
-    origin = result.provenance
-    data = origin.get("data") if isinstance(origin, dict) else None
-    if not isinstance(data, dict) or not isinstance(origin.get("model"), dict) or set(_DATA_KEYS) - set(data):
-        raise LabellessError(f"{folder}/sweep.json does not say what it measured (no provenance: written by an "
-                             f"older labelless or not by `labelless sweep`): run the sweep again")
+    origin = provenance.check(result.provenance, folder)
     name = origin["model"].get("name")
     if model_source(str(name)) == "custom" and custom != name:
         raise LabellessError(f"the sweep in {folder} is of the custom model {name}: labelless imports no "
                              f"code a file names; give --model {name} to search it")
-    weights = data["weights"]
+    weights = origin["data"]["weights"]
     if weights and not (is_weights_name(weights) or Path(weights).exists()):
         raise LabellessError(f"the weights {weights!r} the sweep in {folder} measured do not exist: "
-                             f"put them back, or run the sweep again with --weights")
+                             f"put them back, or {provenance.again(origin)}")
     return origin
+
+
+def _importance(origin: dict[str, Any], folder: Path):
+    """The importance the sweep's k-means was weighted by (None if it was not); one line if lost."""
+    if not origin.get("importance"):
+        return None
+    importance = load_importance(folder / provenance.IMPORTANCE_FILE)
+    if importance is None:
+        raise LabellessError(f"{folder} lacks {provenance.IMPORTANCE_FILE}, the importance its rows were clustered "
+                             f"with: put it back, or {provenance.again(origin)}")
+    return importance
 
 
 def _swept_model(origin: dict[str, Any], folder: Path):

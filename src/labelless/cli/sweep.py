@@ -9,10 +9,10 @@ import argparse
 import os
 from pathlib import Path
 
-from .. import distributed
+from .. import distributed, provenance
 from ..data import Preprocess, absolute_spec, open_images
 from ..evaluate import check_device
-from ..importance import DEFAULT_IMAGES, fisher_importance, save_importance
+from ..importance import DEFAULT_IMAGES, fisher_importance
 from ..models import absolute_weights, weights_file
 from ..plan import GRANULARITIES
 from ..sensitivity import DEFAULT_CLUSTERS, SweepConfig, sweep
@@ -25,8 +25,6 @@ from .common import (
     model_from_args,
     write_config,
 )
-
-IMPORTANCE_FILE = "importance.safetensors"
 
 
 def add_parser(subparsers) -> None:
@@ -61,11 +59,12 @@ def add_data_args(parser: argparse.ArgumentParser) -> None:
 
 
 def data_record(args: argparse.Namespace) -> dict:
-    """Where the sweep's images (and the weights measured) come from: part of its provenance,
-    from which ``labelless search`` opens the same images, paths absolute."""
-    return {"weights": absolute_weights(args.weights), "unlabeled": absolute_spec(args.unlabeled),
-            "labeled": absolute_spec(args.labeled) if args.labeled else None, "limit": args.limit, "seed": args.seed,
-            "skip_unreadable": args.skip_unreadable, "batch_size": args.batch_size}
+    """Where the sweep's images (and the weights measured) come from, paths absolute: part of its
+    provenance, from which ``labelless search`` opens the same images."""
+    return provenance.data_record(weights=absolute_weights(args.weights), unlabeled=absolute_spec(args.unlabeled),
+                                  labeled=absolute_spec(args.labeled) if args.labeled else None, limit=args.limit,
+                                  seed=args.seed, skip_unreadable=args.skip_unreadable, batch_size=args.batch_size,
+                                  by="labelless sweep")
 
 
 def open_data(data: dict, spec):
@@ -98,7 +97,7 @@ def run(args: argparse.Namespace) -> int:
     if distributed.is_main():
         write_config(out / "config.json", args, spec=spec.to_dict())
     device = distributed.device(args.device)
-    importance = _importance(model, unlabeled, spec, args, device, out)
+    importance = _importance(model, unlabeled, spec, args, device)
     result = sweep(model, unlabeled, Preprocess.for_spec(spec), labeled=labeled, config=config,
                    out_dir=out, identity=_plain(identity), device=device, importance=importance, data=record)
     bias = result.summary.get("biases_at_1")
@@ -118,17 +117,13 @@ def _names(text: str) -> tuple[str, ...]:
     return names
 
 
-def _importance(model, unlabeled, spec, args: argparse.Namespace, device, out: Path):
-    """Fisher importance on the sweep's unlabelled images, kept in the folder for the search."""
+def _importance(model, unlabeled, spec, args: argparse.Namespace, device):
+    """Fisher importance on the sweep's unlabelled images (the sweep keeps it in its folder for
+    the search), or None."""
     if args.importance == "none":
-        if distributed.is_main():
-            (out / IMPORTANCE_FILE).unlink(missing_ok=True)  # a search must not use an earlier sweep's
         return None
-    importance = fisher_importance(model, unlabeled, Preprocess.for_spec(spec), n_images=args.importance_images,
-                                   seed=args.seed, device=device)
-    if distributed.is_main():
-        save_importance(importance, out / IMPORTANCE_FILE)
-    return importance
+    return fisher_importance(model, unlabeled, Preprocess.for_spec(spec), n_images=args.importance_images,
+                             seed=args.seed, device=device)
 
 
 def _plain(value):
