@@ -151,7 +151,11 @@ class SweepResult:
         path = Path(folder) / "sweep.json"
         if not path.is_file():
             raise LabellessError(f"{folder} holds no finished sweep (no sweep.json): run `labelless sweep -o {folder}` first")
-        data = json.loads(path.read_text())
+        return cls.from_data(json.loads(path.read_text()))
+
+    @classmethod
+    def from_data(cls, data: dict[str, Any]) -> "SweepResult":
+        """The result :meth:`to_dict` wrote, read back."""
         return cls([SweepRow(**row) for row in data["rows"]], data["reference"], data.get("summary", {}),
                    data.get("provenance", {}))
 
@@ -278,29 +282,29 @@ def prepare_reference(
         for item in loader(dataset, batch_size):
             yield item if isinstance(item, (list, tuple)) else (item,)
 
-    digest = hashlib.sha256()
+    raw = [b[0] for b in batches(unlabeled)]
+    if not raw:
+        raise LabellessError("the unlabelled set is empty: give it some images")
     with torch.no_grad():
-        inputs = [preprocess(_digested(b[0], digest).to(device)) for b in batches(unlabeled)]
+        inputs = [preprocess(x.to(device)) for x in raw]
         teacher = torch.cat([_run(model, x, device) for x in inputs])
         lab = None
         if labeled is not None:
             pairs = list(batches(labeled))
             lab = ([preprocess(x.to(device)) for x, _ in pairs], torch.cat([y for _, y in pairs]))
-    if not inputs:
-        raise LabellessError("the unlabelled set is empty: give it some images")
     warn_if_collapsed(teacher, "the sweep's unlabelled images")
     spec = getattr(model, "labelless_spec", None)
     return Reference(model, dict(model.named_modules()), inputs, teacher, lab, spec, device, FileSizer(model, spec),
-                     images_digest=digest.hexdigest())
+                     images_digest=_images_digest(raw))
 
 
-def _digested(batch: torch.Tensor, digest) -> torch.Tensor:
-    """``batch`` (as read: uint8 pixels on the CPU), its images' type, shape and bytes added to
-    ``digest``: the same images in other batches give the same digest."""
-    for image in batch:
-        digest.update(f"{image.dtype}{tuple(image.shape)}".encode())
-        digest.update(tensor_bytes(image))
-    return batch
+def _images_digest(batches: list[torch.Tensor]) -> str:
+    """sha256 of the images as read (uint8 pixels on the CPU): their type and shape, then their
+    bytes in order, so the same images in other batches give the same digest."""
+    digest = hashlib.sha256(f"{batches[0].dtype}{tuple(batches[0].shape[1:])}".encode())
+    for batch in batches:
+        digest.update(tensor_bytes(batch))
+    return digest.hexdigest()
 
 
 def _run(model: nn.Module, x: torch.Tensor, device: torch.device) -> torch.Tensor:

@@ -48,8 +48,7 @@ def run(args: argparse.Namespace) -> int:
     check_device(args.device)
     args.smaller_by = fraction(args.smaller_by, "--smaller-by") if args.smaller_by is not None else None
     folder = _sweep_folder(args.sweep_dir)
-    _read_json(folder / "sweep.json", "no finished sweep")  # a clear error for a cut or edited file
-    result = SweepResult.from_dir(folder)
+    result = SweepResult.from_data(_read_json(folder / "sweep.json", "no finished sweep"))  # one line if cut or edited
     origin = _provenance(result, folder, args.custom)
     importance = _importance(origin, folder)
     check_metric(result.rows, args.metric, result.reference)
