@@ -18,6 +18,7 @@ TINY = {
     "search": {"max_drop": 25.0, "smaller_by": None, "after_retraining": 2, "retrain_images": 128},
     "retrain": {"epochs": 1, "batch_size": 64, "min_holdout": 10, "refine_steps": 0},  # 13 of 128 images held out
 }
+REFINED = {**TINY, "retrain": {**TINY["retrain"], "refine_steps": 1}}  # a single step, to exercise refined/
 
 
 @pytest.mark.skipif(not __import__("pathlib").Path("/usr/share/datasets/fashion-mnist").is_dir(),
@@ -26,7 +27,7 @@ def test_run_writes_model_report_sweep_and_config(tmp_path, capsys, caplog, monk
     from labelless import calibrate
 
     config = tmp_path / "tiny.yaml"
-    config.write_text(yaml.safe_dump(dict(TINY, out=str(tmp_path / "out"))))
+    config.write_text(yaml.safe_dump(dict(REFINED, out=str(tmp_path / "out"))))
     compensated = []
     real_compensate = calibrate.compensate_indices
     monkeypatch.setattr(calibrate, "compensate_indices",
@@ -62,6 +63,10 @@ def test_run_writes_model_report_sweep_and_config(tmp_path, capsys, caplog, monk
     again = json.loads((out / "report.json").read_text())
     assert (out / "plan.yaml").read_text() == plan and again["search"] == report["search"]
     assert again["quantized"]["accuracy"] == report["quantized"]["accuracy"]
+    # the retraining images were refined once (the search's and the run's), then read back, to the same model
+    assert len(list((out / "refined").glob("*.safetensors"))) == 2  # the search's images and the run's
+    assert any("refined earlier" in r.getMessage() for r in caplog.records)
+    assert again["retrained_labelfree"]["agreement"] == report["retrained_labelfree"]["agreement"]
     # the run's sweep says what it measured: `labelless search` takes it for another budget, from elsewhere,
     # clustering with the importance the run's sweep was weighted by
     assert json.loads((out / "sweep" / "sweep.json").read_text())["provenance"]["importance"]

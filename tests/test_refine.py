@@ -10,7 +10,7 @@ import torch
 import labelless
 from labelless import LabellessError
 from labelless.data import Preprocess, open_images
-from labelless.refine import bn_statistics_loss, refine_images
+from labelless.refine import bn_statistics_loss, cached_refine, refine_images
 from labelless.retrain import RetrainConfig, retrain
 
 PRE = Preprocess(channels=1, size=8, mean=(0.3,), std=(0.3,))
@@ -76,3 +76,28 @@ def test_retrain_with_refinement_keeps_quantized_tensors_frozen(teacher, digits)
 def test_negative_refine_steps_are_refused():
     with pytest.raises(LabellessError, match="refine_steps"):
         RetrainConfig(refine_steps=-1)
+
+
+def test_cached_refine_reads_back_the_same_pixels_and_keys_on_what_they_depend_on(teacher, digits, tmp_path,
+                                                                                   monkeypatch):
+    first = cached_refine(teacher, digits, PRE, 5, tmp_path)
+    assert torch.equal(first.images, refine_images(teacher, digits, PRE, 5).images)
+    (path,) = tmp_path.glob("*.safetensors")
+    calls = []
+    monkeypatch.setattr("labelless.refine.refine_images", lambda *a, **k: calls.append(a) or first)
+    again = cached_refine(teacher, digits, PRE, 5, tmp_path)
+    assert torch.equal(again.images, first.images) and not calls  # read back, not refined again
+    cached_refine(teacher, digits, PRE, 6, tmp_path)  # other steps: refined, kept apart
+    other = copy.deepcopy(teacher)
+    with torch.no_grad():
+        other.bn.running_mean += 0.1
+    cached_refine(other, digits, PRE, 5, tmp_path)  # other teacher weights: refined again
+    assert len(calls) == 2 and len(list(tmp_path.glob("*.safetensors"))) == 3
+
+
+def test_a_damaged_refined_file_is_refined_again(teacher, digits, tmp_path, caplog):
+    first = cached_refine(teacher, digits, PRE, 5, tmp_path)
+    (path,) = tmp_path.glob("*.safetensors")
+    path.write_bytes(b"not a safetensors file")
+    again = cached_refine(teacher, digits, PRE, 5, tmp_path)
+    assert torch.equal(again.images, first.images) and "refining again" in caplog.text

@@ -40,7 +40,7 @@ from .models import (
     state_digest,
 )
 from .plan import Plan, load_plan
-from .refine import refine_images
+from .refine import cached_refine
 from .report import plot_search
 from .retrain import CrossEntropy, retrain
 from .runconfig import RunConfig
@@ -338,8 +338,7 @@ def _after_retraining(run: _Run, reference, preprocess, importance):
                     exc)
         return None
     config = dataclasses.replace(run.config.retrain, epochs=section.retrain_epochs, refine_steps=0)
-    if run.config.retrain.refine_steps:  # the images are refined toward the teacher once, for every candidate
-        images = refine_images(run.teacher, images, preprocess, run.config.retrain.refine_steps, device=run.device)
+    images = _refined(run, images, preprocess)  # once, for every candidate
 
     def drop(candidate) -> float:
         model = copy.deepcopy(_quantized(run, candidate.plan(), importance, preprocess))
@@ -347,6 +346,15 @@ def _after_retraining(run: _Run, reference, preprocess, importance):
         return 100.0 - reference.figures_of(result.model)[section.metric]
 
     return drop
+
+
+def _refined(run: _Run, images, preprocess):
+    """``images`` refined toward the teacher as ``retrain.refine_steps`` asks (kept in ``refined/``
+    for the next run), or as they are when it is 0."""
+    steps = run.config.retrain.refine_steps
+    if not steps:
+        return images
+    return cached_refine(run.teacher, images, preprocess, steps, run.out / "refined", device=run.device)
 
 
 def _plan_header(found) -> str:
@@ -373,8 +381,9 @@ def _labelfree(run: _Run, quantized: nn.Module, test, preprocess) -> None:
     def train(student: nn.Module):
         data = run.config.data
         unlabeled = _open(data.unlabeled, "train", False, run.spec, data.unlabeled_limit, run.config.seed)
-        return retrain(student, run.teacher, unlabeled.unlabeled(), preprocess, config=run.config.retrain,
-                       checkpoint_dir=run.out / "checkpoints", device=run.device)
+        config = dataclasses.replace(run.config.retrain, refine_steps=0)
+        return retrain(student, run.teacher, _refined(run, unlabeled.unlabeled(), preprocess), preprocess,
+                       config=config, checkpoint_dir=run.out / "checkpoints", device=run.device)
 
     run.report["retrained_labelfree"] = _retrained(run, quantized, test, preprocess, "model.lless", train,
                                                    holdout=True)
