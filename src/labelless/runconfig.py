@@ -146,7 +146,7 @@ class SearchSection:
                                      'predicts (for images where it calls most of them one class)')
     plan: str | None = option(None, 'a fixed plan file instead of sweep + search')
     max_bytes: int | None = option(None, 'size budget of the file')
-    smaller_by: float | None = option(0.95, 'size budget as the share of the fp32 size saved (0.95: 95% smaller; '
+    smaller_by: float | None = option(0.96, 'size budget as the share of the fp32 size saved (0.96: 96% smaller; '
                                             'null: no size budget)')
     after_retraining: int = option(2, 'plans nearest the answer judged again after a short label-free retraining '
                                       '(0: judge them as quantized)')
@@ -192,7 +192,7 @@ class RunConfig:
     sweep: SweepSection = option(SweepSection(), 'the per-layer sensitivity sweep')
     search: SearchSection = option(SearchSection(), 'the plan search and its budget')
     quantize: QuantizeSection = option(QuantizeSection(), 'how the plan is applied')
-    retrain: RetrainConfig = option(RetrainConfig(epochs=5, refine_steps=20),
+    retrain: RetrainConfig = option(RetrainConfig(epochs=5, refine_steps=20, tune_centroids=True),
                                     "label-free retraining (the same fields as labelless retrain's flags)")
     baseline: bool = option(True, 'also run conventional labelled retraining, for comparison (only with '
                                   'data.test and data.baseline set)')
