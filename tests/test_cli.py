@@ -218,7 +218,7 @@ def test_train_without_image_size_trains_at_the_datas_own_size(tmp_path, caplog)
     (0, False, "won back +0.00 (no epoch beat the start on the held-out images, so the quantized model was kept)."),
 ])
 def test_the_recovery_line_says_what_retraining_won_back(best_epoch, labeled, expected):
-    from labelless.report import recovery_line
+    from labelless.report import recovery, recovery_line
 
     free = 83.0 if best_epoch else 80.0
     report = {"original": {"accuracy": 85.0}, "quantized": {"accuracy": 80.0},
@@ -227,6 +227,9 @@ def test_the_recovery_line_says_what_retraining_won_back(best_epoch, labeled, ex
         report["retrained_labeled"] = {"accuracy": 84.0}
     line = recovery_line(report)
     assert line.startswith("Quantization cost 5.00 points of accuracy; label-free") and line.endswith(expected)
+    points = recovery(report)  # report.json's "recovery": the same figures
+    assert points["lost"] == 5.0 and points["won_back"] == free - 80.0 and points["from_original"] == free - 85.0
+    assert points["from_labeled"] == (free - 84.0 if labeled else None) and points["metric"] == "accuracy"
 
 
 def test_without_labels_the_recovery_line_is_in_agreement_and_says_no_accuracy_was_measured():

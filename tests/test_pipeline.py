@@ -54,6 +54,7 @@ def test_run_writes_model_report_sweep_and_config(tmp_path, capsys, caplog, monk
     printed = capsys.readouterr().out
     assert "retrained_labelfree" in printed and "size reduction" in printed
     won = report["retrained_labelfree"]["accuracy"] - report["quantized"]["accuracy"]
+    assert report["recovery"]["won_back"] == pytest.approx(won, abs=1e-4) and report["recovery"]["metric"] == "accuracy"
     assert f"label-free retraining won back {won:+.2f}" in printed  # the recovery, said in points
     assert f"won back {won:+.2f}" in (out / "report.md").read_text()
     plan = (out / "plan.yaml").read_text()

@@ -41,7 +41,7 @@ from .models import (
 )
 from .plan import Plan, load_plan
 from .refine import cached_refine
-from .report import plot_search
+from .report import plot_search, recovery
 from .retrain import CrossEntropy, retrain
 from .runconfig import RunConfig
 from .search import make_evaluator, rescore, search
@@ -328,7 +328,9 @@ def _builder(run: _Run, importance, preprocess):
 
 def _after_retraining(run: _Run, reference, preprocess, importance):
     """``drop(candidate)``: its plan quantized as the run quantizes, retrained briefly label-free on
-    images held apart from the sweep's, then its drop (in ``search.metric``) on the sweep's images."""
+    images held apart from the sweep's, then its drop (in ``search.metric``) on the sweep's images
+    (as read: scored on them refined instead, the demo's search picked the plan that retrained
+    0.14 points worse, docs/SWEEP.md)."""
     section, data = run.config.search, run.config.data
     try:
         images = _open(data.unlabeled, "train", False, run.spec, section.retrain_images, run.config.seed,
@@ -431,6 +433,7 @@ def _finish(run: _Run, plan) -> dict[str, Any]:
         model=run.spec.to_dict(),
         device=str(run.device),
         timings=run.timings,
+        recovery=recovery(report),  # the points quantization cost and label-free retraining won back
     )
     atomic_write_json(run.out / "report.json", report)
     atomic_write_text(run.out / "report.md", run_markdown(report))

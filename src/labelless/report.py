@@ -248,23 +248,36 @@ def _markdown_table(rows: Sequence[Sequence[Any]], headers: Sequence[str]) -> st
     return "\n".join(out)
 
 
-def recovery_line(report: dict[str, Any]) -> str | None:
-    """What label-free retraining won back, and how far it is from labelled retraining, in points
-    of accuracy (of agreement with the original when no label was read)."""
+def recovery(report: dict[str, Any]) -> dict[str, Any] | None:
+    """In points of accuracy (of agreement with the original when no label was read): what
+    quantization cost, what label-free retraining won back, where it lands from the original and
+    from labelled retraining (None without it); None when there was no label-free retraining."""
     quantized, free, labeled = (report.get(k) for k in ("quantized", "retrained_labelfree", "retrained_labeled"))
-    if not quantized or not free:
+    if not quantized or not free or free.get("skipped"):
         return None
-    if free.get("skipped"):
-        return f"Label-free retraining was skipped: {free['skipped']}."
     metric = "accuracy" if labeled_run(report) else "agreement"
-    lost = report["original"].get(metric, 100.0) - quantized[metric]
-    what = "accuracy" if metric == "accuracy" else "agreement with the original (no accuracy was measured)"
-    text = (f"Quantization cost {lost:.2f} points of {what}; label-free retraining won back "
-            f"{free[metric] - quantized[metric]:+.2f}")
+    original = report["original"].get(metric, 100.0)
+    from_labeled = None if not labeled or labeled.get("skipped") else round(free[metric] - labeled[metric], 4)
+    return {"metric": metric, "lost": round(original - quantized[metric], 4),
+            "won_back": round(free[metric] - quantized[metric], 4), "from_original": round(free[metric] - original, 4),
+            "from_labeled": from_labeled}
+
+
+def recovery_line(report: dict[str, Any]) -> str | None:
+    """:func:`recovery` in a sentence."""
+    free = report.get("retrained_labelfree")
+    if free and free.get("skipped") and report.get("quantized"):
+        return f"Label-free retraining was skipped: {free['skipped']}."
+    points = recovery(report)
+    if points is None:
+        return None
+    what = "accuracy" if points["metric"] == "accuracy" else "agreement with the original (no accuracy was measured)"
+    text = (f"Quantization cost {points['lost']:.2f} points of {what}; label-free retraining won back "
+            f"{points['won_back']:+.2f}")
     if free.get("best_epoch") == 0:
         text += " (no epoch beat the start on the held-out images, so the quantized model was kept)"
-    if labeled and not labeled.get("skipped"):
-        text += f", and lands {free[metric] - labeled[metric]:+.2f} points from labelled retraining"
+    if points["from_labeled"] is not None:
+        text += f", and lands {points['from_labeled']:+.2f} points from labelled retraining"
     return text + "."
 
 
