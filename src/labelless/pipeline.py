@@ -40,7 +40,7 @@ from .models import (
     state_digest,
 )
 from .plan import Plan, load_plan
-from .refine import cached_refine
+from .refine import cached_refine, refinable
 from .report import plot_search, recovery
 from .retrain import CrossEntropy, retrain
 from .runconfig import RunConfig
@@ -352,9 +352,13 @@ def _after_retraining(run: _Run, reference, preprocess, importance):
 
 def _refined(run: _Run, images, preprocess):
     """``images`` refined toward the teacher as ``retrain.refine_steps`` asks (kept in ``refined/``
-    for the next run), or as they are when it is 0."""
+    for the next run), or as they are when it is 0 or the teacher has no BatchNorm to refine toward."""
     steps = run.config.retrain.refine_steps
     if not steps:
+        return images
+    if not refinable(run.teacher):
+        log.info("retrain.refine_steps: the model has no BatchNorm statistics to refine images toward, so "
+                 "its retraining images are used as read")
         return images
     return cached_refine(run.teacher, images, preprocess, steps, run.out / "refined", device=run.device)
 

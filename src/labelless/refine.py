@@ -42,7 +42,7 @@ from .io import atomic_path
 from .models import state_digest, tensor_bytes
 from .progress import progress
 
-__all__ = ["refine_images", "cached_refine", "bn_statistics_loss"]
+__all__ = ["refine_images", "cached_refine", "refinable", "bn_statistics_loss"]
 
 log = logging.getLogger(__name__)
 
@@ -66,7 +66,7 @@ def refine_images(
         >>> refined = refine_images(teacher, open_images("mnist", size=28).unlabeled(), preprocess, steps=50)
         >>> result = retrain(student, teacher, refined, preprocess)
     """
-    bns = [m for m in teacher.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats]
+    bns = _batchnorms(teacher)
     if not bns:
         raise LabellessError("refining images needs a teacher with BatchNorm layers (their statistics are the "
                              "target): this model has none; retrain without refinement")
@@ -83,6 +83,15 @@ def refine_images(
              time.perf_counter() - start, steps)
     name = unlabeled.spec if isinstance(unlabeled, ImageSet) else "images"
     return ImageSet.of_images(refined, spec=f"{name} (refined)")
+
+
+def refinable(teacher: nn.Module) -> bool:
+    """Whether ``teacher`` has BatchNorm statistics to refine images toward."""
+    return bool(_batchnorms(teacher))
+
+
+def _batchnorms(model: nn.Module) -> list[nn.Module]:
+    return [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats]
 
 
 def cached_refine(teacher: nn.Module, unlabeled: torch.utils.data.Dataset, preprocess: nn.Module, steps: int,
