@@ -166,7 +166,7 @@ def test_labelless_run_under_torchrun_searches_on_rank_0_and_finishes_on_every_r
         "sweep": {"clusters": [1, 16], "limit": 32, "include_bias": False, "importance_images": 32},
         "search": {"max_drop": 25.0, "smaller_by": None, "after_retraining": 1, "retrain_images": 64},
         "quantize": {"compensate": False, "correct_bn": True, "images": 32},  # cheaper than compensating
-        "retrain": {"epochs": 1, "batch_size": 32, "holdout": 0.25, "min_holdout": 8, "refine_steps": 0},
+        "retrain": {"epochs": 1, "batch_size": 32, "holdout": 0.25, "min_holdout": 8, "refine_steps": 1},
         "out": str(tmp_path / "out"),
     }
     (tmp_path / "tiny.yaml").write_text(yaml.safe_dump(config))
@@ -175,6 +175,12 @@ def test_labelless_run_under_torchrun_searches_on_rank_0_and_finishes_on_every_r
     report = json.loads((tmp_path / "out" / "report.json").read_text())
     assert report["search"]["retrained_drop"] is not None and report["retrained_labelfree"]["bytes"] > 0
     assert not leftovers(tmp_path / "out")
+    # again: rank 0 reads the refined images back and hands them to rank 1, to the same retrained model
+    (tmp_path / "out" / "checkpoints" / "retrain-labelfree.ckpt").unlink()
+    again = torchrun("run", "tiny.yaml", cwd=tmp_path)
+    assert again.returncode == 0 and "refined earlier" in again.stderr, again.stderr[-3000:]
+    rerun = json.loads((tmp_path / "out" / "report.json").read_text())
+    assert rerun["retrained_labelfree"]["agreement"] == report["retrained_labelfree"]["agreement"]
 
 
 def test_without_torchrun_every_helper_is_a_no_op(tiny):

@@ -101,3 +101,11 @@ def test_a_damaged_refined_file_is_refined_again(teacher, digits, tmp_path, capl
     path.write_bytes(b"not a safetensors file")
     again = cached_refine(teacher, digits, PRE, 5, tmp_path)
     assert torch.equal(again.images, first.images) and "refining again" in caplog.text
+
+
+def test_refined_images_that_cannot_be_kept_are_still_returned(teacher, digits, tmp_path, caplog):
+    blocker = tmp_path / "file"
+    blocker.write_text("a file where the cache folder should go")
+    refined = cached_refine(teacher, digits, PRE, 5, blocker / "refined")
+    assert torch.equal(refined.images, refine_images(teacher, digits, PRE, 5).images)
+    assert "could not keep the refined images" in caplog.text

@@ -48,6 +48,7 @@ log = logging.getLogger(__name__)
 
 BATCH_SIZE = 256
 LR = 0.1  # Adam on normalised pixels
+KEY_VERSION = 1  # of the refinement itself: a change to how images are refined must change it
 
 
 def refine_images(
@@ -97,33 +98,47 @@ def _batchnorms(model: nn.Module) -> list[nn.Module]:
 def cached_refine(teacher: nn.Module, unlabeled: torch.utils.data.Dataset, preprocess: nn.Module, steps: int,
                   folder: str | Path, *, device: torch.device | None = None) -> ImageSet:
     """:func:`refine_images` (default batch size and lr), its result kept in ``folder``: a later
-    call with the same teacher weights, pixels, preprocessing and steps reads it back instead."""
+    call with the same teacher weights, pixels, preprocessing and steps reads it back instead.
+    Under torchrun rank 0 alone reads and writes the folder, and every rank takes its answer."""
     pixels = _uint8_images(unlabeled)
     path = Path(folder) / f"{_refine_key(teacher, pixels, preprocess, steps)}.safetensors"
     name = unlabeled.spec if isinstance(unlabeled, ImageSet) else "images"
-    if path.is_file():
-        try:
-            images = load_file(path)["images"]
-            if images.dtype != torch.uint8 or images.shape != pixels.shape:
-                raise ValueError(f"{images.dtype} {tuple(images.shape)}, not uint8 {tuple(pixels.shape)}")
-            log.info("reusing %d images refined earlier (%s)", len(images), path)
-            return ImageSet.of_images(images, spec=f"{name} (refined)")
-        except (SafetensorError, KeyError, OSError, ValueError) as exc:
-            log.warning("%s is unreadable (%s): refining again", path, exc)
+    kept = distributed.broadcast_object(_read_refined(path, pixels) if distributed.is_main() else None)
+    if kept is not None:
+        return ImageSet.of_images(kept, spec=f"{name} (refined)")
     refined = refine_images(teacher, unlabeled, preprocess, steps, device=device)
     if distributed.is_main():
-        path.parent.mkdir(parents=True, exist_ok=True)
-        with atomic_path(path) as tmp:
-            save_file({"images": refined.images.contiguous()}, str(tmp))
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            with atomic_path(path) as tmp:
+                save_file({"images": refined.images.contiguous()}, str(tmp))
+        except (OSError, LabellessError) as exc:  # only a cache: the run goes on without it
+            log.warning("could not keep the refined images in %s (%s): a later run refines them again", path, exc)
     return refined
+
+
+def _read_refined(path: Path, pixels: torch.Tensor) -> torch.Tensor | None:
+    """The refined images kept in ``path`` for ``pixels``, or None (absent, or unreadable: said)."""
+    if not path.is_file():
+        return None
+    try:
+        images = load_file(path)["images"]
+        if images.dtype != torch.uint8 or images.shape != pixels.shape:
+            raise ValueError(f"{images.dtype} {tuple(images.shape)}, not uint8 {tuple(pixels.shape)}")
+    except (SafetensorError, KeyError, OSError, ValueError) as exc:
+        log.warning("%s is unreadable (%s): refining again", path, exc)
+        return None
+    log.info("reusing %d images refined earlier (%s)", len(images), path)
+    return images
 
 
 def _refine_key(teacher: nn.Module, images: torch.Tensor, preprocess: nn.Module, steps: int) -> str:
     """What refined pixels depend on: the teacher's weights, the pixels, the normalisation and
     size, the steps, batch size and lr, and how many processes share the work (their batches)."""
-    digest = hashlib.sha256(json.dumps({"teacher": state_digest(teacher), "steps": steps, "batch": BATCH_SIZE,
-                                        "lr": LR, "size": repr(getattr(preprocess, "size", None)),
-                                        "shape": list(images.shape), "world": distributed.world_size()}).encode())
+    settings = {"version": KEY_VERSION, "teacher": state_digest(teacher), "steps": steps, "batch": BATCH_SIZE,
+                "lr": LR, "size": repr(getattr(preprocess, "size", None)), "shape": list(images.shape),
+                "world": distributed.world_size()}
+    digest = hashlib.sha256(json.dumps(settings).encode())
     for tensor in (images, *preprocess.buffers()):
         digest.update(tensor_bytes(tensor))
     return digest.hexdigest()[:24]

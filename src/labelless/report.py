@@ -251,7 +251,8 @@ def _markdown_table(rows: Sequence[Sequence[Any]], headers: Sequence[str]) -> st
 def recovery(report: dict[str, Any]) -> dict[str, Any] | None:
     """In points of accuracy (of agreement with the original when no label was read): what
     quantization cost, what label-free retraining won back, where it lands from the original and
-    from labelled retraining (None without it); None when there was no label-free retraining."""
+    from labelled retraining (None without it); None when there was no label-free retraining or it
+    was skipped (the model shipped is then the quantized one, and the line says why)."""
     quantized, free, labeled = (report.get(k) for k in ("quantized", "retrained_labelfree", "retrained_labeled"))
     if not quantized or not free or free.get("skipped"):
         return None
